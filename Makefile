@@ -1,0 +1,27 @@
+# make run   installs what is needed and trains the local debug run (CPU, < 10 minutes on 2 cores)
+# make test  installs what is needed and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: 2.13.0 resolves to the CPU build on CPU machines, and then the
+	# project's torch range is already satisfied, so no CUDA build is pulled in.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m system.train --config configs/debug.yaml
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache outputs

@@ -1,0 +1,288 @@
+"""Configuration: dataclass schemas, YAML + command-line dotlist overrides, one validate().
+
+    cfg = load_config("configs/debug.yaml", ["algo.kl.mode=k3", "trainer.steps=5"])
+
+An unknown key, a value of the wrong type or an impossible combination raises ConfigError with
+one line that names the key and the reason.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A bad configuration; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = MISSING  # HF model directory, or "debug" for the tiny model the project builds
+    dtype: str = "float32"  # parameter dtype for the learner: float32 | bfloat16
+    trust_remote_code: bool = False  # passed to from_pretrained
+    debug_cache: str = ".cache/debug_model"  # where the debug model is built and cached
+    debug_settings: dict = field(default_factory=dict)  # overrides of system.debug_model.DEFAULT_SETTINGS
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | file
+    train_path: str = ""  # file source: JSONL, Parquet or a `datasets` directory
+    eval_path: str = ""  # file source: held-out prompts (same format)
+    prompt_field: str = "prompt"  # field holding the prompt (dots for nested keys)
+    answer_field: str = "answer"  # field holding the reference answer
+    template: str = "plain"  # chat | plain | a format string containing {prompt}
+    max_prompt_tokens: int = 512  # longer prompts are dropped and counted
+    seed: int = 0  # data order seed (the synthetic task's splits come from model.debug_settings)
+
+
+@dataclass
+class RewardSpec:
+    name: str = "exact"  # registry name (math | format | exact) or module:function
+    weight: float = 1.0  # weight in the sum of rewards
+    kwargs: dict = field(default_factory=dict)  # extra arguments for the reward function
+
+
+@dataclass
+class RewardConfig:
+    functions: list = field(default_factory=lambda: [RewardSpec()])  # list of RewardSpec
+    num_workers: int = 0  # reward processes; 0 scores in the driver (no time limit)
+    timeout_s: float = 10.0  # per-sample time limit in the reward pool
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "hf"  # hf (Hugging Face generate) | vllm
+    num_workers: int = 1  # rollout actors
+    group_size: int = 8  # G: responses sampled per prompt
+    temperature: float = 1.0  # sampling temperature
+    top_p: float = 1.0  # nucleus sampling
+    max_new_tokens: int = 16  # response length limit
+    return_logprobs: bool = False  # also return the sampler's own log-probs
+    num_gpus: float = 0.0  # GPUs per rollout actor
+    num_cpus: float = 1.0  # CPUs per rollout actor
+    gpu_memory_utilization: float = 0.5  # vllm: fraction of GPU memory for the engine
+    tensor_parallel_size: int = 1  # vllm: tensor parallel size per engine
+
+
+@dataclass
+class ReferenceConfig:
+    num_workers: int = 1  # reference actors
+    transport: str = "hidden"  # hidden (final hidden states) | logits (exact, small vocabularies)
+    num_gpus: float = 0.0  # GPUs per reference actor
+    num_cpus: float = 1.0  # CPUs per reference actor
+    micro_batch: int = 64  # sequences per reference forward
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 2  # data-parallel DeepSpeed ranks
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
+    grad_clip: float = 1.0  # gradient norm clip (0 disables)
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
+    epochs: int = 1  # mu: passes over each batch
+    minibatches: int = 1  # optimizer steps per epoch
+    chunk_size: int = 1024  # tokens per chunk in the fused log-prob/KL op
+    num_gpus: float = 0.0  # GPUs per learner rank
+    num_cpus: float = 1.0  # CPUs per learner rank
+    gradient_checkpointing: bool = False  # recompute activations in backward
+
+
+@dataclass
+class KLConfig:
+    mode: str = "full"  # full | k1 | k2 | k3 | k3_is | reward
+    coef: float = 0.01  # beta: weight of the KL term
+
+
+@dataclass
+class AlgoConfig:
+    clip_low: float = 0.2  # ratio lower clip: 1 - clip_low
+    clip_high: float = 0.2  # ratio upper clip: 1 + clip_high (DAPO uses a larger one)
+    dual_clip: Optional[float] = None  # dual-clip constant c > 1 for negative advantages
+    aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+    scale_by_std: bool = True  # divide advantages by the group std (False: Dr.GRPO)
+    kl: KLConfig = field(default_factory=KLConfig)  # KL regulariser
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 10  # training steps (one batch of prompts each)
+    prompts_per_step: int = 16  # B: prompts per step
+    rollout_ahead: int = 0  # 1: sample step k+1 while the learner updates on step k
+    resume: str = "none"  # none | auto | a checkpoint directory
+    progress_bar: bool = True  # tqdm progress bar on the console
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps (0: only at start and end)
+    size: int = 300  # held-out problems evaluated
+    pass_k: int = 0  # also sample k responses per problem for pass@k (0: off)
+    max_new_tokens: int = 0  # 0: same as rollout.max_new_tokens
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: off)
+    keep: int = 2  # checkpoints kept
+
+
+@dataclass
+class SyncConfig:
+    bucket_mb: float = 64.0  # size of one broadcast bucket
+    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # cluster address; empty: RAY_ADDRESS, a running cluster, or a new local one
+    torch_threads: int = 1  # torch threads per actor process
+    log_to_driver: bool = True  # forward actor output to the driver
+
+
+@dataclass
+class Config:
+    run_name: str = "run"  # outputs go to <output_dir>/<run_name>
+    output_dir: str = "outputs"  # root of run outputs
+    seed: int = 0  # global seed
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+KL_MODES = ("full", "k1", "k2", "k3", "k3_is", "reward")
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def _one_line(err: Exception) -> str:
+    """OmegaConf errors span several lines; keep the reason and name the key."""
+    key = getattr(err, "full_key", None)
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{key}: {first}" if key and key not in first else first
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+    """Merge schema defaults <- YAML file <- dotlist overrides, then validate()."""
+    schema = OmegaConf.structured(Config)
+    try:
+        layers = [schema]
+        if path:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file not found: {path}")
+            layers.append(OmegaConf.load(path))
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"override {bad[0]!r} is not key=value")
+            layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+        # reward functions are a list of RewardSpec: type-check each entry against the schema
+        specs = []
+        for i, spec in enumerate(merged.reward.functions):
+            try:
+                specs.append(OmegaConf.merge(OmegaConf.structured(RewardSpec), spec))
+            except OmegaConfBaseException as err:
+                raise ConfigError(f"reward.functions[{i}]: {_one_line(err)}") from None
+        cfg: Config = OmegaConf.to_object(merged)
+        cfg.reward.functions = [OmegaConf.to_object(s) for s in specs]
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, reason: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {reason}")
+
+
+def validate(cfg: Config) -> None:
+    """All cross-field checks, in one place. Raises ConfigError naming the key."""
+    _check(cfg.model.path not in ("", "???"), "model.path", "must be a model directory or 'debug'")
+    _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
+    _check(cfg.data.source in ("synthetic", "file"), "data.source", "must be synthetic or file")
+    if cfg.data.source == "synthetic":
+        _check(cfg.model.path == "debug", "data.source", "synthetic needs model.path=debug")
+    if cfg.data.source == "file":
+        _check(bool(cfg.data.train_path), "data.train_path", "required when data.source=file")
+    _check(cfg.data.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
+    _check(len(cfg.reward.functions) > 0, "reward.functions", "needs at least one reward")
+    _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
+    _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+
+    r = cfg.rollout
+    _check(r.backend in ("hf", "vllm"), "rollout.backend", "must be hf or vllm")
+    _check(r.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+    _check(r.group_size >= 2, "rollout.group_size", "must be >= 2 (group advantages need a group)")
+    _check(r.temperature > 0, "rollout.temperature", "must be > 0")
+    _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+    _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+    if r.backend == "vllm":
+        _check(r.num_gpus >= 1, "rollout.num_gpus", "the vllm backend needs >= 1 GPU per worker")
+
+    _check(cfg.reference.num_workers >= 1, "reference.num_workers", "must be >= 1")
+    _check(cfg.reference.transport in ("hidden", "logits"), "reference.transport",
+           "must be hidden or logits")
+    _check(cfg.reference.micro_batch >= 1, "reference.micro_batch", "must be >= 1")
+
+    lr = cfg.learner
+    _check(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
+    _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
+    _check(lr.lr > 0, "learner.lr", "must be > 0")
+    _check(lr.epochs >= 1, "learner.epochs", "must be >= 1")
+    _check(lr.minibatches >= 1, "learner.minibatches", "must be >= 1")
+    _check(lr.chunk_size >= 1, "learner.chunk_size", "must be >= 1")
+    _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
+    _check(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas",
+           "must be two numbers in [0, 1)")
+
+    a = cfg.algo
+    _check(0 <= a.clip_low < 1, "algo.clip_low", "must be in [0, 1)")
+    _check(a.clip_high >= 0, "algo.clip_high", "must be >= 0")
+    _check(1 - a.clip_low <= 1 + a.clip_high, "algo.clip_low", "clip bounds reversed")
+    if a.dual_clip is not None:
+        _check(a.dual_clip > 1, "algo.dual_clip", "must be > 1")
+    _check(a.aggregation in AGGREGATIONS, "algo.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
+    _check(a.kl.mode in KL_MODES, "algo.kl.mode", f"must be one of {', '.join(KL_MODES)}")
+    _check(a.kl.coef >= 0, "algo.kl.coef", "must be >= 0 (a negative KL coefficient rewards drift)")
+
+    t = cfg.trainer
+    _check(t.steps >= 1, "trainer.steps", "must be >= 1")
+    _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
+    _check(t.rollout_ahead in (0, 1), "trainer.rollout_ahead", "must be 0 or 1")
+    samples = t.prompts_per_step * r.group_size
+    _check(samples % (lr.num_ranks * lr.minibatches) == 0, "trainer.prompts_per_step",
+           f"prompts_per_step * group_size = {samples} must divide evenly into "
+           f"learner.num_ranks * learner.minibatches = {lr.num_ranks * lr.minibatches}")
+    _check(cfg.eval.every >= 0, "eval.every", "must be >= 0")
+    _check(cfg.eval.size >= 0, "eval.size", "must be >= 0")
+    _check(cfg.eval.pass_k >= 0, "eval.pass_k", "must be >= 0")
+    _check(cfg.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
+    _check(cfg.sync.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
+    _check(cfg.sync.backend in ("auto", "gloo", "nccl"), "sync.backend", "must be auto, gloo or nccl")
+    _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, for printing and saving with the run."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
