@@ -1,0 +1,66 @@
+"""ActorGroup: a placement group and ranks for a group of identical Ray actors.
+
+The driver calls a group as if it were one object: `group.call("method", *args)` runs the method
+on every actor and returns their results in rank order; `group.call_each("method", [args...])`
+gives each rank its own arguments. Actor classes are named by "module:Class" so that `system`
+never imports the heavy worker modules itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+
+def _load(path: str):
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class ActorGroup:
+    def __init__(self, name: str, cls_path: str, num: int, num_cpus: float, num_gpus: float,
+                 make_args, env: dict | None = None, strategy: str = "PACK"):
+        """make_args(rank) -> (args, kwargs) for the actor's constructor."""
+        self.name = name
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy, name=name)
+        ray.get(self.pg.ready(), timeout=600)
+        remote_cls = ray.remote(_load(cls_path))
+        self.actors = []
+        for rank in range(num):
+            args, kwargs = make_args(rank)
+            self.actors.append(remote_cls.options(
+                num_cpus=num_cpus, num_gpus=num_gpus, name=f"{name}-{rank}",
+                runtime_env={"env_vars": env or {}},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=self.pg, placement_group_bundle_index=rank),
+            ).remote(*args, **kwargs))
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call_async(self, method: str, *args, **kwargs) -> list:
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call(self, method: str, *args, **kwargs) -> list[Any]:
+        return ray.get(self.call_async(method, *args, **kwargs))
+
+    def call_each_async(self, method: str, per_rank: list[tuple]) -> list:
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank)]
+
+    def call_each(self, method: str, per_rank: list[tuple]) -> list[Any]:
+        return ray.get(self.call_each_async(method, per_rank))
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
+
+    def init_collective(self) -> None:
+        """Rank 0 picks the address of the group's collective; every rank then joins it."""
+        host, port = ray.get(self.actors[0].address.remote())
+        self.call("init_process_group", host, port)

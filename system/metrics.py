@@ -1,0 +1,55 @@
+"""Run outputs: metrics.jsonl, TensorBoard events, a compact console line per step, a summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+CONSOLE_KEYS = (("reward_mean", "reward", ".3f"), ("accuracy", "acc", ".3f"),
+                ("kl_full", "kl", ".4f"), ("kl_k3", "k3", ".4f"), ("clip_frac", "clip", ".3f"),
+                ("entropy", "ent", ".3f"), ("response_len", "len", ".1f"),
+                ("step_s", "s", ".1f"))
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, tensorboard: bool = True):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a", buffering=1)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:  # tensorboard is a dependency; keep running without it anyway
+                self._tb = None
+
+    def log(self, step: int, metrics: dict, kind: str = "train") -> None:
+        record = {"kind": kind, "step": step, "time": time.time(), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+
+    @staticmethod
+    def console_line(step: int, steps: int, m: dict) -> str:
+        parts = [f"step {step}/{steps}"]
+        parts += [f"{short} {m[k]:{fmt}}" for k, short, fmt in CONSOLE_KEYS if k in m]
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def summary_table(rows: list[tuple[str, str, str]]) -> str:
+    """A plain-text table: (metric, start, end)."""
+    head = ("metric", "start", "end")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(3)]
+    line = "+".join("-" * (w + 2) for w in widths)
+    fmt = lambda r: " | ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line, fmt(head), line, *map(fmt, rows), line])

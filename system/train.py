@@ -1,0 +1,123 @@
+"""Entrypoint: load config -> validate -> build actors -> run the GRPO loop.
+
+    python -m system.train --config configs/debug.yaml [key=value ...]
+
+Steps: resolve and validate the config (dotlist overrides on the command line), print it and save
+it with the run; build the debug model when model.path=debug; load and tokenize the prompts;
+attach to a running Ray cluster (RAY_ADDRESS, or `ray start` on this machine) or start a local
+one; check the cluster has the resources the config asks for; start the actors; train; save the
+final policy as a Hugging Face model directory; print a summary table.
+Outputs: <output_dir>/<run_name>/{config.yaml, metrics.jsonl, tensorboard/, final/, summary.json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from system.config import ConfigError, load_config, to_yaml
+from system.metrics import MetricsLogger, summary_table
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/debug.yaml", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. trainer.steps=5")
+    return p.parse_args(argv)
+
+
+def resolve_model(cfg) -> str:
+    """The model directory: the debug model built (or taken from its cache), or cfg.model.path."""
+    if cfg.model.path == "debug":
+        from system.debug_model import ensure_debug_model
+
+        return ensure_debug_model(cfg.model.debug_cache, cfg.model.debug_settings)
+    if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
+        raise ConfigError(f"model.path: {cfg.model.path!r} is not a model directory (no config.json)")
+    return cfg.model.path
+
+
+def init_ray(cfg) -> None:
+    """Attach to the cluster this runs in (job submission, RAY_ADDRESS, a local `ray start`),
+    else start a local one sized for the config."""
+    import ray
+
+    from system.resources import required_resources
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"log_to_driver": cfg.ray.log_to_driver,
+              "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
+    if address:
+        ray.init(address=address, **kwargs)
+        return
+    try:
+        ray.init(address="auto", **kwargs)
+    except ConnectionError:
+        need = required_resources(cfg)
+        ray.init(num_cpus=max(os.cpu_count() or 1, int(need.get("CPU", 0) + 0.999)),
+                 include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        run_dir = os.path.abspath(os.path.join(cfg.output_dir, cfg.run_name))
+        os.makedirs(run_dir, exist_ok=True)
+        resolved = to_yaml(cfg)
+        print(f"[config] resolved ({args.config}):\n{resolved}", flush=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(resolved)
+        model_path = resolve_model(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    return train(cfg, model_path, run_dir)
+
+
+def train(cfg, model_path: str, run_dir: str) -> int:
+    import ray
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    from system.data.prompts import load_prompt_sets
+    from system.resources import check_cluster_resources
+    from system.rewards.pool import RewardPool
+    from system.trainer import Trainer
+
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    prompts = load_prompt_sets(cfg, tokenizer)
+    print(f"[data] {len(prompts.train)} train prompts, {len(prompts.heldout)} held-out {prompts.stats}")
+    init_ray(cfg)
+    check_cluster_resources(cfg, ray.cluster_resources())
+    logger = MetricsLogger(run_dir)
+    specs = [{"name": s.name, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in cfg.reward.functions]
+    with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s) as pool:
+        trainer = Trainer(cfg, model_path, tokenizer, prompts)
+        trainer.rewards = pool
+        trainer.start_actors()
+        print(f"[setup] actors ready in {time.perf_counter() - t0:.1f}s", flush=True)
+        bar = tqdm(total=cfg.trainer.steps, desc="train", disable=not cfg.trainer.progress_bar,
+                   file=sys.stderr)
+        result = trainer.fit(logger, bar)
+        bar.close()
+        trainer.save_policy(os.path.join(run_dir, "final"))
+    logger.close()
+    result["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    rows = [(k, f"{result['start'].get(k, float('nan')):.3f}", f"{v:.3f}")
+            for k, v in result["end"].items()]
+    print(f"\nSummary of {cfg.run_name} ({cfg.trainer.steps} steps, {result['seconds']:.0f}s), "
+          f"held-out set of {cfg.eval.size}:\n{summary_table(rows)}")
+    print(f"outputs: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The GRPO loop on Ray: prompts -> rollouts -> rewards -> reference -> learner -> weight sync.
+
+One step (`train_step`):
+1. take B prompts; rollout workers sample G responses each from pi_old (tagged with its version);
+2. score them (reward pool), build the padded batch;
+3. reference workers return final hidden states (or logits) at the response positions;
+4. learners compute pi_old / pi_ref log-probs, the driver turns rewards into group advantages
+   (KL folded into the reward first in `reward` mode), learners run mu epochs of minibatches;
+5. learner rank 0 broadcasts the new weights; rollout workers load them and the checksums match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import ray
+import torch
+
+from system.actor_group import ActorGroup
+from system.algo.advantages import group_advantages
+from system.algo.kl import get_kl_mode
+from system.data.batch import build_batch, split_for_learners, split_packed
+from system.data.prompts import PromptSampler, PromptSets
+
+
+class Phases:
+    """Seconds per phase of one step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    size = math.ceil(len(items) / n)
+    return [items[i * size:(i + 1) * size] for i in range(n)]
+
+
+class Trainer:
+    def __init__(self, cfg, model_path: str, tokenizer, prompts: PromptSets):
+        self.cfg, self.model_path, self.tokenizer, self.prompts = cfg, model_path, tokenizer, prompts
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.sampler = PromptSampler(prompts.train, cfg.data.seed)
+        self.kl_mode = get_kl_mode(cfg.algo.kl.mode)
+        self.version = 0
+        self.ref_bytes_total = 0
+
+    # ---- actors -----------------------------------------------------------------------------
+    def start_actors(self) -> None:
+        c = self.cfg
+        env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false"}
+        threads = c.ray.torch_threads
+        self.rollout = ActorGroup(
+            "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
+            c.rollout.num_gpus, lambda r: ((self.model_path, c.rollout.backend, c.model.dtype,
+                                            threads, c.seed + 10 * r), {"vllm_kwargs": self._vllm_kwargs()}),
+            env)
+        self.reference = ActorGroup(
+            "reference", "workers.reference:ReferenceWorker", c.reference.num_workers,
+            c.reference.num_cpus, c.reference.num_gpus,
+            lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
+                       {"micro_batch": c.reference.micro_batch}), env)
+        n = c.learner.num_ranks
+        self.learners = ActorGroup(
+            "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
+            lambda r: ((r, n, self.model_path, self._learner_cfg()), {}), env)
+        self.learners.init_collective()
+        self.learners.call("build")
+        self._init_weight_sync()
+
+    def _vllm_kwargs(self) -> dict:
+        r = self.cfg.rollout
+        return {"gpu_memory_utilization": r.gpu_memory_utilization,
+                "tensor_parallel_size": r.tensor_parallel_size} if r.backend == "vllm" else {}
+
+    def _learner_cfg(self) -> dict:
+        c, lr = self.cfg, self.cfg.learner
+        rows = c.trainer.prompts_per_step * c.rollout.group_size
+        return {"torch_threads": c.ray.torch_threads, "seed": c.seed, "dtype": c.model.dtype,
+                "gradient_checkpointing": lr.gradient_checkpointing,
+                "ref_transport": c.reference.transport, "lr": lr.lr, "betas": list(lr.betas),
+                "weight_decay": lr.weight_decay, "warmup_steps": lr.warmup_steps,
+                "micro_batch": rows // (lr.num_ranks * lr.minibatches), "grad_clip": lr.grad_clip,
+                "zero_stage": lr.zero_stage, "chunk_size": lr.chunk_size,
+                "minibatches": lr.minibatches, "epochs": lr.epochs, "kl_mode": c.algo.kl.mode,
+                "kl_coef": c.algo.kl.coef, "clip_low": c.algo.clip_low,
+                "clip_high": c.algo.clip_high, "dual_clip": c.algo.dual_clip,
+                "aggregation": c.algo.aggregation, "max_len": c.rollout.max_new_tokens}
+
+    def _init_weight_sync(self) -> None:
+        backend = self.cfg.sync.backend
+        if backend == "auto":
+            backend = "nccl" if self.cfg.learner.num_gpus > 0 and self.cfg.rollout.num_gpus > 0 else "gloo"
+        host, port = ray.get(self.learners.actors[0].address.remote())
+        world = 1 + len(self.rollout)
+        refs = self.learners.call_async("init_weight_sync", host, port, world, backend)
+        refs += self.rollout.call_each_async(
+            "init_weight_sync", [(host, port, 1 + i, world, backend) for i in range(len(self.rollout))])
+        ray.get(refs)
+        self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(self.cfg.sync.bucket_mb))
+
+    def sync_weights(self) -> None:
+        """One broadcast from learner rank 0 to every rollout worker; checksums must agree."""
+        sent = self.learners.call_async("send_weights", self.buckets)
+        got = self.rollout.call_async("receive_weights", self.buckets, self.version)
+        digest, received = ray.get(sent)[0], ray.get(got)
+        for i, d in enumerate(received):
+            if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in zip(digest, d)):
+                raise RuntimeError(f"weight sync: rollout worker {i} checksum {d} != learner {digest}"
+                                   f" (policy version {self.version})")
+
+    # ---- phases -----------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], n: int, *, seed: int, greedy: bool = False,
+                 max_new_tokens: int | None = None) -> list[list[int]]:
+        r = self.cfg.rollout
+        parts = _chunks(prompt_ids, len(self.rollout))
+        kwargs = {"temperature": r.temperature, "top_p": r.top_p, "greedy": greedy,
+                  "max_new_tokens": max_new_tokens or r.max_new_tokens}
+        refs = [a.generate.remote(p, n, seed=seed + i, **kwargs)
+                for i, (a, p) in enumerate(zip(self.rollout.actors, parts)) if p]
+        responses = []
+        for out in ray.get(refs):
+            if out["version"] != self.version:
+                raise RuntimeError(f"rollout sampled with policy version {out['version']}, "
+                                   f"expected {self.version}")
+            responses += out["responses"]
+        return responses
+
+    def reference_rows(self, batch) -> torch.Tensor:
+        parts = _chunks(list(range(batch.size)), len(self.reference))
+        refs = [a.forward.remote(**batch.rows(torch.tensor(p))) for a, p in
+                zip(self.reference.actors, parts) if p]
+        outs = ray.get(refs)
+        self.last_ref_bytes = sum(o["bytes"] for o in outs)
+        return torch.cat([o["rows"] for o in outs])
+
+    def learn(self, batch, rewards: torch.Tensor, ref_rows: torch.Tensor) -> dict:
+        c = self.cfg
+        index, normalizers = split_for_learners(batch, c.learner.num_ranks, c.learner.minibatches,
+                                                c.algo.aggregation)
+        prep = self.learners.call_each("prepare", [
+            (batch.rows(i), split_packed(ref_rows, batch.loss_mask, i)) for i in index])
+        extra = {}
+        if not self.kl_mode.in_loss:  # PPO-style: k1 of pi_old folded into the reward
+            k1 = torch.zeros(batch.size)
+            for i, p in zip(index, prep):
+                k1[i] = p["k1_seq"]
+            rewards = rewards - c.algo.kl.coef * k1
+            extra["reward_kl"] = float(k1.mean())
+        adv, adv_metrics = group_advantages(rewards, c.rollout.group_size, c.algo.scale_by_std)
+        outs = self.learners.call_each("update", [(adv[i], normalizers) for i in index])
+        total = sum(o["tokens"] for o in outs)
+        learner = {k: sum(o[k] * o["tokens"] for o in outs) / max(total, 1)
+                   for k in outs[0] if k != "tokens"}
+        return {**learner, **extra, **{k: float(v) for k, v in adv_metrics.items()}}
+
+    # ---- one step ---------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        c, G = self.cfg, self.cfg.rollout.group_size
+        phases, t0 = Phases(), time.perf_counter()
+        rows = self.sampler.next(c.trainer.prompts_per_step)
+        with phases("generate"):
+            responses = self.generate([r["prompt_ids"] for r in rows], G, seed=c.seed * 7919 + step)
+        with phases("reward"):
+            texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            answers = [r["answer"] for r in rows for _ in range(G)]
+            scores, reward_metrics = self.rewards.score(texts, answers)
+            rewards = torch.tensor(scores, dtype=torch.float32)
+        batch = build_batch([r["prompt_ids"] for r in rows for _ in range(G)], responses, self.pad_id)
+        with phases("reference"):
+            ref_rows = self.reference_rows(batch)
+        with phases("learn"):
+            learn_metrics = self.learn(batch, rewards, ref_rows)
+        with phases("sync"):
+            self.version += 1
+            self.sync_weights()
+        step_s = time.perf_counter() - t0
+        n_tokens = int(batch.loss_mask.sum())
+        eos = self.tokenizer.eos_token_id
+        return {
+            "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+            "accuracy": float((rewards >= self.full_score).float().mean()),
+            **learn_metrics, "kl_gap": learn_metrics["kl_k3"] - learn_metrics["kl_full"],
+            "response_len": n_tokens / batch.size,
+            "truncated_frac": sum(1 for r in responses if not r or r[-1] != eos) / batch.size,
+            "ref_bytes": self.last_ref_bytes, "ref_bytes_per_token": self.last_ref_bytes / max(n_tokens, 1),
+            "tokens_per_s": n_tokens / step_s, "step_s": step_s, "policy_version": self.version,
+            **{f"time_{k}": v for k, v in phases.seconds.items()},
+            **{k: v for k, v in reward_metrics.items() if isinstance(v, (int, float))},
+        }
+
+    @property
+    def full_score(self) -> float:
+        return sum(s.weight for s in self.cfg.reward.functions) - 1e-6
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        e = self.cfg.eval
+        rows = self.prompts.heldout[:e.size]
+        if not rows:
+            return {}
+        ids = [r["prompt_ids"] for r in rows]
+        max_new = e.max_new_tokens or self.cfg.rollout.max_new_tokens
+        greedy = self.generate(ids, 1, seed=0, greedy=True, max_new_tokens=max_new)
+        texts = self.tokenizer.batch_decode(greedy, skip_special_tokens=True)
+        scores, _ = self.rewards.score(texts, [r["answer"] for r in rows])
+        out = {"greedy_accuracy": sum(s >= self.full_score for s in scores) / len(rows)}
+        if e.pass_k > 0:
+            sampled = self.generate(ids, e.pass_k, seed=1, max_new_tokens=max_new)
+            texts = self.tokenizer.batch_decode(sampled, skip_special_tokens=True)
+            s, _ = self.rewards.score(texts, [r["answer"] for r in rows for _ in range(e.pass_k)])
+            hits = torch.tensor(s).view(len(rows), e.pass_k) >= self.full_score
+            out[f"pass@{e.pass_k}"] = float(hits.any(dim=1).float().mean())
+        return out
+
+    # ---- the run ----------------------------------------------------------------------------
+    def fit(self, logger, progress=None) -> dict:
+        """Evaluate, train cfg.trainer.steps steps (evaluating every eval.every), evaluate, save."""
+        c = self.cfg
+        self.sync_weights()  # proves the channel and the checksum before the first sample
+        start = self.evaluate()
+        logger.log(0, start, kind="eval")
+        print(f"[eval] step 0: {start}", flush=True)
+        last = start
+        for step in range(1, c.trainer.steps + 1):
+            metrics = self.train_step(step)
+            logger.log(step, metrics)
+            print(logger.console_line(step, c.trainer.steps, metrics), flush=True)
+            if progress is not None:
+                progress.update(1)
+            if step == c.trainer.steps or (c.eval.every and step % c.eval.every == 0):
+                last = self.evaluate()
+                logger.log(step, last, kind="eval")
+                print(f"[eval] step {step}: {last}", flush=True)
+        return {"start": start, "end": last}
+
+    def save_policy(self, path: str) -> None:
+        os.makedirs(path, exist_ok=True)
+        self.learners.call("save_pretrained", path, self.model_path)

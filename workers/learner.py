@@ -1,0 +1,263 @@
+"""LearnerWorker: one DeepSpeed data-parallel rank applying clipped GRPO with full-vocabulary KL.
+
+Steps, driven by system/trainer.py:
+1. `init_process_group` + `build`: join DeepSpeed's group (gloo on CPU, NCCL on GPU), wrap the
+   policy and a frozen copy of the reference output head in `PolicyWithHead`, and create the engine
+   (ZeRO 0-3; under ZeRO-3 the output head is registered as an external parameter of the wrapper,
+   so DeepSpeed gathers it for the fused op and reduces its gradient).
+2. `prepare(shard, ref_rows)`: before any update, the sampled tokens' log-probs under pi_old and
+   pi_ref (per-sequence k1 sums go back to the driver for KL-in-reward).
+3. `update(advantages, normalizers)`: mu epochs over the minibatches; each minibatch is one
+   optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
+   average to the whole minibatch's gradient.
+4. `send_weights`: rank 0 broadcasts the parameters to the rollout workers (all ranks join the
+   gather under ZeRO-3).
+
+Run through the trainer: `python -m system.train --config configs/debug.yaml`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import deepspeed
+import torch
+from torch import nn
+
+from system.algo.kl import get_kl_mode, loss_kl, logprobs_from_logits, sampled_kl
+from system.algo.fused_kl import fused_logprob_kl, logprobs_from_hidden
+from system.algo.losses import grpo_loss
+from workers.common import DTYPES, load_causal_lm, setup_process
+from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, plan_buckets
+
+
+class PolicyWithHead(nn.Module):
+    """The policy plus the frozen reference head; forward returns per-token (logp, kl, entropy)."""
+
+    def __init__(self, policy: nn.Module, ref_head: torch.Tensor | None):
+        super().__init__()
+        self.policy = policy
+        # a buffer, not a parameter: frozen, never partitioned, never in the optimizer
+        self.register_buffer("ref_head", ref_head, persistent=False)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.policy.get_output_embeddings().weight
+
+    def hidden_at(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+        """Final hidden states at the positions that predict response tokens: [M, H]."""
+        out = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state[:, :-1][loss_mask.bool()]
+
+    def forward(self, input_ids, attention_mask, loss_mask, ref_rows, chunk_size: int):
+        h = self.hidden_at(input_ids, attention_mask, loss_mask)  # [M, H]
+        tokens = input_ids[:, 1:][loss_mask.bool()]  # [M]
+        return fused_logprob_kl(h, self.head_weight(), ref_rows, self.ref_head, tokens,
+                                chunk_size=chunk_size, return_entropy=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _dense(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scatter packed per-token values [M] into [B, T] at mask (differentiable)."""
+    return torch.zeros(mask.shape, dtype=packed.dtype, device=packed.device).masked_scatter(
+        mask.bool(), packed)
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict):
+        self.rank, self.world_size, self.cfg = rank, world_size, cfg
+        self.device = setup_process(cfg["torch_threads"], cfg["seed"] + 1000 * rank)
+        self.engine = None
+        self.sync: SyncGroup | None = None
+        self.model_path = model_path
+        self.version = 0
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def address(self) -> tuple[str, int]:
+        """An address and a free port on this node, for rank 0 of a process group."""
+        return _node_ip(), _free_port()
+
+    def init_process_group(self, master_addr: str, master_port: int) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                          RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
+                          LOCAL_RANK="0" if self.device.type == "cpu" else str(self.device.index))
+        backend = "nccl" if self.device.type == "cuda" else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+    def build(self) -> dict:
+        c = self.cfg
+        policy = load_causal_lm(self.model_path, c["dtype"], self.device)
+        if c.get("gradient_checkpointing"):
+            policy.gradient_checkpointing_enable()
+        ref_head = None
+        if c["ref_transport"] == "hidden":  # the reference model is the starting policy
+            ref_head = policy.get_output_embeddings().weight.detach().clone()
+        module = PolicyWithHead(policy, ref_head)
+        optimizer = torch.optim.AdamW(module.policy.parameters(), lr=c["lr"],
+                                      betas=tuple(c["betas"]), weight_decay=c["weight_decay"])
+        warmup = max(1, c["warmup_steps"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": c["micro_batch"],
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": c["grad_clip"],
+            "zero_optimization": {"stage": c["zero_stage"]},
+            "bf16": {"enabled": c["dtype"] == "bfloat16"},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        if c["zero_stage"] == 3:
+            deepspeed.zero.register_external_parameter(self.engine.module, module.head_weight())
+        return {"params": sum(p.numel() for p in module.policy.parameters())}
+
+    # ---- one training step --------------------------------------------------------------------
+    def prepare(self, shard: dict, ref_rows: torch.Tensor) -> dict:
+        """Keep the shard; compute pi_old and pi_ref log-probs of its sampled tokens."""
+        mask = shard["loss_mask"]
+        tokens = shard["input_ids"][:, 1:][mask.bool()]
+        module, chunk = self.engine.module, self.cfg["chunk_size"]
+        olds = []
+        with torch.no_grad():
+            for mb in self._minibatches(shard):
+                h = module.hidden_at(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                                     mb["loss_mask"].to(self.device))
+                olds.append(logprobs_from_hidden(h, module.head_weight(), mb["tokens"].to(self.device),
+                                                 chunk).cpu())
+            ref_rows = ref_rows.to(self.device)
+            if self.cfg["ref_transport"] == "hidden":
+                ref_logp = logprobs_from_hidden(ref_rows, module.ref_head, tokens.to(self.device), chunk)
+            else:
+                ref_logp = logprobs_from_logits(ref_rows, tokens.to(self.device))
+        old_logp = _dense(torch.cat(olds), mask)  # [B, T]
+        ref_logp = _dense(ref_logp.cpu().float(), mask)  # [B, T]
+        self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
+        k1 = ((old_logp - ref_logp) * mask).sum(-1)  # [B]
+        return {"k1_seq": k1, "tokens": int(mask.sum())}
+
+    def _minibatches(self, shard: dict) -> list[dict]:
+        """Split the shard (rows ordered by minibatch already) into cfg['minibatches'] parts."""
+        n, k = shard["input_ids"].shape[0], self.cfg["minibatches"]
+        size = n // k
+        out, row_offset = [], 0
+        counts = shard["loss_mask"].sum(-1).long()
+        for i in range(k):
+            rows = slice(i * size, (i + 1) * size)
+            mb = {key: v[rows] for key, v in shard.items() if torch.is_tensor(v) and v.shape[0] == n}
+            m = int(counts[rows].sum())
+            mb["row_slice"] = (row_offset, row_offset + m)
+            mb["tokens"] = mb["input_ids"][:, 1:][mb["loss_mask"].bool()]
+            row_offset += m
+            out.append(mb)
+        return out
+
+    def update(self, advantages: torch.Tensor, normalizers: list[float]) -> dict:
+        """mu epochs x minibatches of clipped GRPO with the configured KL mode."""
+        c, module = self.cfg, self.engine.module
+        mode = get_kl_mode(c["kl_mode"])
+        shard = dict(self.shard, advantages=advantages)
+        sums: dict[str, float] = {}
+        steps = 0
+        for _ in range(c["epochs"]):
+            for i, mb in enumerate(self._minibatches(shard)):
+                dev = {k: v.to(self.device) for k, v in mb.items() if torch.is_tensor(v)}
+                lo, hi = mb["row_slice"]
+                ref_rows = self.shard["ref_rows"][lo:hi].to(self.device)
+                logp_p, kl_p, ent_p = self.engine(dev["input_ids"], dev["attention_mask"],
+                                                  dev["loss_mask"], ref_rows, c["chunk_size"])
+                mask = dev["loss_mask"].float()
+                logp, full_kl = _dense(logp_p, mask), _dense(kl_p, mask)
+                kl = loss_kl(mode, logp=logp, ref_logp=dev["ref_logp"], old_logp=dev["old_logp"],
+                             full_kl=full_kl)
+                loss, metrics = grpo_loss(
+                    logp, dev["old_logp"], dev["advantages"], mask, kl,
+                    clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
+                    kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
+                    normalizer=normalizers[i])
+                # DeepSpeed averages gradients over ranks; the normalizer is the whole minibatch's
+                self.engine.backward(loss * self.world_size)
+                self.engine.step()
+                steps += 1
+                with torch.no_grad():
+                    k3 = sampled_kl(logp, dev["ref_logp"], "k3")
+                    n_tok = mask.sum().clamp(min=1)
+                    extra = {"kl_full": (full_kl * mask).sum() / n_tok,
+                             "kl_k3": (k3 * mask).sum() / n_tok,
+                             "entropy": _dense(ent_p.detach(), mask).sum() / n_tok,
+                             "grad_norm": self.engine.get_global_grad_norm() or 0.0}
+                for k, v in {**metrics, **extra, "loss": loss.detach()}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        self.version += 1
+        out = {k: v / steps for k, v in sums.items()}
+        out["tokens"] = int(self.shard["loss_mask"].sum())
+        return out
+
+    # ---- weights out --------------------------------------------------------------------------
+    def _named_params(self):
+        return list(self.engine.module.policy.named_parameters())
+
+    def weight_buckets(self, bucket_mb: float) -> list[Bucket]:
+        metas = [TensorMeta(n, tuple(_full_shape(p)), p.dtype) for n, p in self._named_params()]
+        return plan_buckets(metas, int(bucket_mb * 2**20))
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> bool:
+        if self.rank == 0:
+            self.sync = SyncGroup(host, port, 0, world_size, backend)
+        return True
+
+    def send_weights(self, buckets: list[Bucket]) -> list[float] | None:
+        """Broadcast the policy in buckets (rank 0); returns its checksum. All ranks must call."""
+        params = dict(self._named_params())
+        digest_parts = []
+
+        def tensors(bucket: Bucket):
+            ts = [params[m.name] for m in bucket.tensors]
+            digest_parts.extend((m.name, t.detach().clone()) for m, t in zip(bucket.tensors, ts))
+            return ts
+
+        for bucket in buckets:
+            with _gathered([params[m.name] for m in bucket.tensors], self.cfg["zero_stage"]):
+                if self.rank == 0:
+                    self.sync.send([bucket], tensors)
+        return checksum(digest_parts) if self.rank == 0 else None
+
+    def weights(self) -> dict | None:
+        named = self._named_params()
+        with _gathered([p for _, p in named], self.cfg["zero_stage"]):
+            if self.rank == 0:
+                return {n: p.detach().cpu().clone() for n, p in named}
+        return None
+
+    def save_pretrained(self, path: str, tokenizer_path: str) -> None:
+        named = self._named_params()
+        with _gathered([p for _, p in named], self.cfg["zero_stage"]):
+            if self.rank == 0:
+                from transformers import AutoTokenizer
+
+                self.engine.module.policy.save_pretrained(path)
+                AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+
+
+def _full_shape(p: torch.Tensor):
+    return getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape in ds_shape
+
+
+def _gathered(params, zero_stage: int):
+    """Under ZeRO-3 gather full parameters for reading; otherwise they are already whole."""
+    if zero_stage == 3:
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

@@ -1,0 +1,46 @@
+"""ReferenceWorker: the frozen pi_ref, returning what the full-vocabulary KL needs.
+
+At every response position it returns either
+- `hidden`: the final hidden states [M, H] (after the last norm), from which the learner rebuilds
+  the reference logits exactly with its frozen copy of the reference output head; H values per
+  token instead of V, ~40x fewer bytes for Qwen shapes; or
+- `logits`: the full reference logits [M, V], exact, for small vocabularies and cross-checks.
+
+Rows are packed in batch order: sequence by sequence, position by position, only where
+`loss_mask` is 1 (the position that predicts a response token).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.common import load_causal_lm, setup_process
+
+
+class ReferenceWorker:
+    def __init__(self, model_path: str, dtype: str, transport: str, torch_threads: int, seed: int,
+                 micro_batch: int = 64):
+        if transport not in ("hidden", "logits"):
+            raise ValueError(f"reference.transport: unknown {transport!r} (hidden | logits)")
+        self.device = setup_process(torch_threads, seed)
+        self.model = load_causal_lm(model_path, dtype, self.device).eval()
+        self.model.requires_grad_(False)
+        self.transport = transport
+        self.micro_batch = micro_batch
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                loss_mask: torch.Tensor) -> dict:
+        """input_ids, attention_mask: [B, L]; loss_mask: [B, L-1] -> {"rows": [M, H or V], "bytes"}."""
+        rows = []
+        for s in range(0, input_ids.shape[0], self.micro_batch):
+            ids = input_ids[s:s + self.micro_batch].to(self.device)
+            att = attention_mask[s:s + self.micro_batch].to(self.device)
+            sel = loss_mask[s:s + self.micro_batch].to(self.device).bool()
+            hidden = self.model.base_model(input_ids=ids, attention_mask=att).last_hidden_state
+            h = hidden[:, :-1][sel]  # [m, H]
+            if self.transport == "logits":
+                h = self.model.get_output_embeddings()(h)  # [m, V]
+            rows.append(h.cpu())
+        out = torch.cat(rows)
+        return {"rows": out, "bytes": out.numel() * out.element_size()}

@@ -1,0 +1,117 @@
+"""RolloutWorker: samples G responses per prompt from pi_old, tagged with the policy version.
+
+Backends behind one interface (`generate`, `load_weights`, `named_weights`):
+- `hf`: Hugging Face generate, for CPU and small GPUs (the debug mode).
+- `vllm`: a vLLM engine on GPU; every vLLM call lives in workers/vllm_engine.py.
+
+Steps of one call: seed the sampler from the step (so a resumed run samples the same), generate in
+micro-batches, cut each response after its first EOS, return token ids, the sampler's own
+log-probs when asked, and the policy version. Weights arrive through `receive_weights` (one RPC per
+sync, see workers/weight_sync.py), which loads them, bumps the version and returns a checksum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workers.common import load_causal_lm, pad_batch, seed_all, setup_process
+from workers.weight_sync import Bucket, SyncGroup, checksum
+
+
+class HFBackend:
+    """Hugging Face generate; the CPU path of the debug mode."""
+
+    def __init__(self, model_path: str, dtype: str, device: torch.device, micro_batch: int = 256):
+        from transformers import AutoTokenizer
+
+        self.device = device
+        self.model = load_causal_lm(model_path, dtype, device).eval()
+        self.model.requires_grad_(False)
+        tok = AutoTokenizer.from_pretrained(model_path)
+        self.eos_id = tok.eos_token_id
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.micro_batch = micro_batch
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
+                 max_new_tokens: int, greedy: bool, want_logprobs: bool):
+        per_call = max(1, self.micro_batch // n)
+        responses, logprobs = [], []
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start:start + per_call]
+            ids, mask = pad_batch(chunk, self.pad_id, left=True)
+            sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}
+            out = self.model.generate(
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                max_new_tokens=max_new_tokens, num_return_sequences=n,
+                do_sample=not greedy, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                return_dict_in_generate=True, output_logits=want_logprobs, **sampling)
+            new = out.sequences[:, ids.shape[1]:].cpu()  # [b*n, R]
+            if want_logprobs:
+                logits = torch.stack(out.logits, dim=1).float().cpu()  # [b*n, R, V]
+                lp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+                lp = lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+            for i, row in enumerate(new.tolist()):
+                length = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+                responses.append(row[:length])
+                if want_logprobs:
+                    logprobs.append(lp[i, :length].tolist())
+        return responses, (logprobs if want_logprobs else None)
+
+    def named_weights(self):
+        return list(self.model.named_parameters())
+
+    def load_weights(self, named_tensors) -> list[float]:
+        params = dict(self.model.named_parameters())
+        for name, tensor in named_tensors:
+            params[name].data.copy_(tensor)
+        return checksum(self.model.named_parameters())
+
+
+class RolloutWorker:
+    """One rollout actor: owns a generation backend and the policy version it samples with."""
+
+    def __init__(self, model_path: str, backend: str, dtype: str, torch_threads: int, seed: int,
+                 vllm_kwargs: dict | None = None):
+        self.device = setup_process(torch_threads, seed)
+        self.version = 0
+        self.sync: SyncGroup | None = None
+        if backend == "hf":
+            self.backend = HFBackend(model_path, dtype, self.device)
+        elif backend == "vllm":
+            from workers.vllm_engine import VLLMBackend
+
+            self.backend = VLLMBackend(model_path, dtype, seed, **(vllm_kwargs or {}))
+        else:
+            raise ValueError(f"rollout.backend: unknown backend {backend!r} (hf | vllm)")
+
+    def generate(self, prompts: list[list[int]], n: int, *, seed: int, temperature: float = 1.0,
+                 top_p: float = 1.0, max_new_tokens: int = 16, greedy: bool = False,
+                 want_logprobs: bool = False) -> dict:
+        """Sample n responses per prompt. Rows are grouped: prompt i -> rows i*n .. i*n+n-1."""
+        seed_all(seed)
+        responses, logprobs = self.backend.generate(
+            prompts, n, temperature, top_p, max_new_tokens, greedy, want_logprobs)
+        return {"responses": responses, "logprobs": logprobs, "version": self.version}
+
+    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+        if hasattr(self.backend, "init_weight_sync"):  # vllm: the group lives in the engine's worker
+            return self.backend.init_weight_sync(host, port, rank, world_size, backend)
+        self.sync = SyncGroup(host, port, rank, world_size, backend)
+        return True
+
+    def receive_weights(self, buckets: list[Bucket], version: int) -> list[float]:
+        """Receive one broadcast of the policy, load it, and return the checksum of what loaded."""
+        if hasattr(self.backend, "receive_weights"):
+            digest = self.backend.receive_weights(buckets)
+        else:
+            digest = self.backend.load_weights(self.sync.receive(buckets))
+        self.version = version
+        return digest
+
+    def weights(self) -> dict:
+        """The loaded weights, for tests that compare them with the learner's bit for bit."""
+        return {k: v.detach().cpu().clone() for k, v in self.backend.named_weights()}
+
+    def get_version(self) -> int:
+        return self.version
