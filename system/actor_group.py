@@ -27,14 +27,14 @@ class ActorGroup:
         """make_args(rank) -> (args, kwargs) for the actor's constructor."""
         self.name = name
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy, name=name)
+        self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy)
         ray.get(self.pg.ready(), timeout=600)
         remote_cls = ray.remote(_load(cls_path))
         self.actors = []
         for rank in range(num):
             args, kwargs = make_args(rank)
             self.actors.append(remote_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, name=f"{name}-{rank}",
+                num_cpus=num_cpus, num_gpus=num_gpus,
                 runtime_env={"env_vars": env or {}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),

@@ -238,6 +238,8 @@ def validate(cfg: Config) -> None:
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     if r.backend == "vllm":
         _check(r.num_gpus >= 1, "rollout.num_gpus", "the vllm backend needs >= 1 GPU per worker")
+        _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+               "weight sync into vllm supports 1 GPU per engine; use more rollout.num_workers")
 
     _check(cfg.reference.num_workers >= 1, "reference.num_workers", "must be >= 1")
     _check(cfg.reference.transport in ("hidden", "logits"), "reference.transport",

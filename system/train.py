@@ -48,6 +48,8 @@ def init_ray(cfg) -> None:
 
     from system.resources import required_resources
 
+    if ray.is_initialized():  # embedded use (tests, notebooks): keep the caller's cluster
+        return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = {"log_to_driver": cfg.ray.log_to_driver,
               "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}

@@ -160,6 +160,7 @@ class Trainer:
         total = sum(o["tokens"] for o in outs)
         learner = {k: sum(o[k] * o["tokens"] for o in outs) / max(total, 1)
                    for k in outs[0] if k != "tokens"}
+        learner["loss"] = sum(o["loss"] for o in outs)  # rank losses share the global normalizer
         return {**learner, **extra, **{k: float(v) for k, v in adv_metrics.items()}}
 
     # ---- one step ---------------------------------------------------------------------------

@@ -126,7 +126,7 @@ class LearnerWorker:
         tokens = shard["input_ids"][:, 1:][mask.bool()]
         module, chunk = self.engine.module, self.cfg["chunk_size"]
         olds = []
-        with torch.no_grad():
+        with torch.no_grad(), _gathered([module.head_weight()], self.cfg["zero_stage"]):
             for mb in self._minibatches(shard):
                 h = module.hidden_at(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
                                      mb["loss_mask"].to(self.device))
