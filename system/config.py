@@ -15,6 +15,9 @@ from typing import Any, Optional
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from system.algo.kl import KL_MODES
+from system.algo.losses import AGGREGATIONS
+
 
 class ConfigError(ValueError):
     """A bad configuration; the message is one line naming the key."""
@@ -143,7 +146,7 @@ class SyncConfig:
 
 @dataclass
 class RayConfig:
-    address: str = ""  # cluster address; empty: RAY_ADDRESS, a running cluster, or a new local one
+    address: str = ""  # "": RAY_ADDRESS, else a running cluster, else a new local one; "local": always new
     torch_threads: int = 1  # torch threads per actor process
     log_to_driver: bool = True  # forward actor output to the driver
 
@@ -167,8 +170,6 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-KL_MODES = ("full", "k1", "k2", "k3", "k3_is", "reward")
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def _one_line(err: Exception) -> str:

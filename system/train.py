@@ -53,15 +53,18 @@ def init_ray(cfg) -> None:
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     kwargs = {"log_to_driver": cfg.ray.log_to_driver,
               "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
-    if address:
+    if address and address != "local":
         ray.init(address=address, **kwargs)
         return
-    try:
-        ray.init(address="auto", **kwargs)
-    except ConnectionError:
-        need = required_resources(cfg)
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(need.get("CPU", 0) + 0.999)),
-                 include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+    if address != "local":
+        try:
+            ray.init(address="auto", **kwargs)
+            return
+        except ConnectionError:
+            pass
+    need = required_resources(cfg)
+    ray.init(num_cpus=max(os.cpu_count() or 1, int(need.get("CPU", 0) + 0.999)),
+             include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
 
 
 def main(argv=None) -> int:

@@ -51,7 +51,7 @@ class Trainer:
         self.sampler = PromptSampler(prompts.train, cfg.data.seed)
         self.kl_mode = get_kl_mode(cfg.algo.kl.mode)
         self.version = 0
-        self.ref_bytes_total = 0
+        self._pending = None  # rollout_ahead: (rows, pending sample call) of the next step
 
     # ---- actors -----------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -118,25 +118,48 @@ class Trainer:
                                    f" (policy version {self.version})")
 
     # ---- phases -----------------------------------------------------------------------------
-    def generate(self, prompt_ids: list[list[int]], n: int, *, seed: int, greedy: bool = False,
-                 max_new_tokens: int | None = None) -> list[list[int]]:
+    def launch_generate(self, prompt_ids: list[list[int]], n: int, *, seed: int,
+                        greedy: bool = False, max_new_tokens: int | None = None,
+                        want_logprobs: bool = False) -> tuple[list, int]:
+        """Start sampling on every rollout worker; returns (refs, the version they must report)."""
         r = self.cfg.rollout
         parts = _chunks(prompt_ids, len(self.rollout))
         kwargs = {"temperature": r.temperature, "top_p": r.top_p, "greedy": greedy,
-                  "max_new_tokens": max_new_tokens or r.max_new_tokens}
+                  "max_new_tokens": max_new_tokens or r.max_new_tokens,
+                  "want_logprobs": want_logprobs}
         refs = [a.generate.remote(p, n, seed=seed + i, **kwargs)
                 for i, (a, p) in enumerate(zip(self.rollout.actors, parts)) if p]
-        responses = []
+        return refs, self.version
+
+    @staticmethod
+    def collect(pending: tuple[list, int]) -> tuple[list[list[int]], list | None]:
+        refs, version = pending
+        responses, logprobs = [], []
         for out in ray.get(refs):
-            if out["version"] != self.version:
+            if out["version"] != version:
                 raise RuntimeError(f"rollout sampled with policy version {out['version']}, "
-                                   f"expected {self.version}")
+                                   f"expected {version}")
             responses += out["responses"]
-        return responses
+            logprobs += out["logprobs"] or []
+        return responses, (logprobs or None)
+
+    def generate(self, prompt_ids: list[list[int]], n: int, **kwargs) -> list[list[int]]:
+        return self.collect(self.launch_generate(prompt_ids, n, **kwargs))[0]
+
+    def _sample_step(self, step: int) -> tuple:
+        """Take the prompts of `step` and start sampling them (the rows and the pending call)."""
+        c = self.cfg
+        rows = self.sampler.next(c.trainer.prompts_per_step)
+        # rollout_ahead samples with the policy before the update in flight: keep the sampler's
+        # own log-probs as the behaviour policy of the importance ratio
+        want = c.rollout.return_logprobs or c.trainer.rollout_ahead > 0
+        pending = self.launch_generate([r["prompt_ids"] for r in rows], c.rollout.group_size,
+                                       seed=c.seed * 7919 + step, want_logprobs=want)
+        return rows, pending
 
     def reference_rows(self, batch) -> torch.Tensor:
         parts = _chunks(list(range(batch.size)), len(self.reference))
-        refs = [a.forward.remote(**batch.rows(torch.tensor(p))) for a, p in
+        refs = [a.forward.remote(**batch.reference_inputs(torch.tensor(p))) for a, p in
                 zip(self.reference.actors, parts) if p]
         outs = ray.get(refs)
         self.last_ref_bytes = sum(o["bytes"] for o in outs)
@@ -167,15 +190,19 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         c, G = self.cfg, self.cfg.rollout.group_size
         phases, t0 = Phases(), time.perf_counter()
-        rows = self.sampler.next(c.trainer.prompts_per_step)
         with phases("generate"):
-            responses = self.generate([r["prompt_ids"] for r in rows], G, seed=c.seed * 7919 + step)
+            rows, pending = self._pending or self._sample_step(step)
+            responses, sampler_logp = self.collect(pending)
+            self._pending = None
+            if c.trainer.rollout_ahead and step < c.trainer.steps:
+                self._pending = self._sample_step(step + 1)  # overlaps everything below
         with phases("reward"):
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             answers = [r["answer"] for r in rows for _ in range(G)]
             scores, reward_metrics = self.rewards.score(texts, answers)
             rewards = torch.tensor(scores, dtype=torch.float32)
-        batch = build_batch([r["prompt_ids"] for r in rows for _ in range(G)], responses, self.pad_id)
+        batch = build_batch([r["prompt_ids"] for r in rows for _ in range(G)], responses, self.pad_id,
+                            sampler_logp if c.trainer.rollout_ahead else None)
         with phases("reference"):
             ref_rows = self.reference_rows(batch)
         with phases("learn"):

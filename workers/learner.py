@@ -138,6 +138,11 @@ class LearnerWorker:
             else:
                 ref_logp = logprobs_from_logits(ref_rows, tokens.to(self.device))
         old_logp = _dense(torch.cat(olds), mask)  # [B, T]
+        self.behavior_gap = 0.0
+        if "behavior_logp" in shard:  # sampled by an older policy (rollout_ahead): ratio against it
+            behavior = shard["behavior_logp"] * mask
+            self.behavior_gap = float(((old_logp - behavior).abs() * mask).sum() / mask.sum().clamp(min=1))
+            old_logp = behavior
         ref_logp = _dense(ref_logp.cpu().float(), mask)  # [B, T]
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
         k1 = ((old_logp - ref_logp) * mask).sum(-1)  # [B]
@@ -181,7 +186,7 @@ class LearnerWorker:
                     logp, dev["old_logp"], dev["advantages"], mask, kl,
                     clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
                     kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
-                    normalizer=normalizers[i])
+                    normalizer=normalizers[i], max_len=c["max_len"])
                 # DeepSpeed averages gradients over ranks; the normalizer is the whole minibatch's
                 self.engine.backward(loss * self.world_size)
                 self.engine.step()
@@ -198,6 +203,7 @@ class LearnerWorker:
         self.version += 1
         out = {k: v / steps for k, v in sums.items()}
         out["tokens"] = int(self.shard["loss_mask"].sum())
+        out["behavior_logp_gap"] = self.behavior_gap
         return out
 
     # ---- weights out --------------------------------------------------------------------------

@@ -20,18 +20,28 @@ class Batch:
     input_ids: torch.Tensor  # [N, L] prompt + response, right-padded
     attention_mask: torch.Tensor  # [N, L] 1 on real tokens
     loss_mask: torch.Tensor  # [N, L-1] 1 where the position predicts a response token
+    behavior_logp: torch.Tensor | None = None  # [N, L-1] the sampler's log-probs, if used as pi_old
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
     def rows(self, index: torch.Tensor | slice) -> dict:
+        out = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
+               "loss_mask": self.loss_mask[index]}
+        if self.behavior_logp is not None:
+            out["behavior_logp"] = self.behavior_logp[index]
+        return out
+
+    def reference_inputs(self, index: torch.Tensor | slice) -> dict:
         return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index],
                 "loss_mask": self.loss_mask[index]}
 
 
-def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Batch:
-    """prompts[i] and responses[i] are the token ids of row i."""
+def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                logprobs: list[list[float]] | None = None) -> Batch:
+    """prompts[i] and responses[i] are the token ids of row i; logprobs[i] the sampler's
+    log-probs of responses[i] (optional)."""
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses)]
     width = max(max(lengths), 2)
     n = len(prompts)
@@ -42,7 +52,12 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
         input_ids[i, :len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         attention[i, :len(p) + len(r)] = 1
         loss_mask[i, len(p) - 1:len(p) + len(r) - 1] = 1
-    return Batch(input_ids, attention, loss_mask)
+    behavior = None
+    if logprobs is not None:
+        behavior = torch.zeros((n, width - 1), dtype=torch.float32)
+        for i, (p, lp) in enumerate(zip(prompts, logprobs)):
+            behavior[i, len(p) - 1:len(p) - 1 + len(lp)] = torch.tensor(lp, dtype=torch.float32)
+    return Batch(input_ids, attention, loss_mask, behavior)
 
 
 def split_for_learners(batch: Batch, num_ranks: int, minibatches: int,
