@@ -26,6 +26,15 @@ class MetricsLogger:
             except ImportError:  # tensorboard is a dependency; keep running without it anyway
                 self._tb = None
 
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop records of steps after the checkpoint, so each step appears once."""
+        self._file.close()
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        self._file = open(self.path, "a", buffering=1)
+
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         record = {"kind": kind, "step": step, "time": time.time(), **metrics}
         self._file.write(json.dumps(record) + "\n")

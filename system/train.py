@@ -103,16 +103,19 @@ def train(cfg, model_path: str, run_dir: str) -> int:
     logger = MetricsLogger(run_dir)
     specs = [{"name": s.name, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in cfg.reward.functions]
     with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s) as pool:
-        trainer = Trainer(cfg, model_path, tokenizer, prompts)
+        trainer = Trainer(cfg, model_path, tokenizer, prompts, run_dir)
         trainer.rewards = pool
-        trainer.start_actors()
-        print(f"[setup] actors ready in {time.perf_counter() - t0:.1f}s", flush=True)
-        bar = tqdm(total=cfg.trainer.steps, desc="train", disable=not cfg.trainer.progress_bar,
-                   file=sys.stderr)
-        result = trainer.fit(logger, bar)
-        bar.close()
-        trainer.save_policy(os.path.join(run_dir, "final"))
-    logger.close()
+        try:
+            trainer.start_actors()
+            print(f"[setup] actors ready in {time.perf_counter() - t0:.1f}s", flush=True)
+            bar = tqdm(total=cfg.trainer.steps, desc="train", disable=not cfg.trainer.progress_bar,
+                       file=sys.stderr)
+            result = trainer.fit(logger, bar)
+            bar.close()
+            trainer.save_policy(os.path.join(run_dir, "final"))
+        finally:
+            trainer.stop_actors()
+            logger.close()
     result["seconds"] = time.perf_counter() - t0
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(result, f, indent=2)

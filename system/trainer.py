@@ -19,6 +19,7 @@ import time
 import ray
 import torch
 
+from system import checkpoint
 from system.actor_group import ActorGroup
 from system.algo.advantages import group_advantages
 from system.algo.kl import get_kl_mode
@@ -45,13 +46,14 @@ def _chunks(items: list, n: int) -> list[list]:
 
 
 class Trainer:
-    def __init__(self, cfg, model_path: str, tokenizer, prompts: PromptSets):
+    def __init__(self, cfg, model_path: str, tokenizer, prompts: PromptSets, run_dir: str):
         self.cfg, self.model_path, self.tokenizer, self.prompts = cfg, model_path, tokenizer, prompts
+        self.run_dir = run_dir
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.sampler = PromptSampler(prompts.train, cfg.data.seed)
         self.kl_mode = get_kl_mode(cfg.algo.kl.mode)
         self.version = 0
-        self._pending = None  # rollout_ahead: (rows, pending sample call) of the next step
+        self._pending = None  # rollout_ahead: _sample_step() of the next step, in flight
 
     # ---- actors -----------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -75,6 +77,12 @@ class Trainer:
         self.learners.init_collective()
         self.learners.call("build")
         self._init_weight_sync()
+
+    def stop_actors(self) -> None:
+        for name in ("rollout", "reference", "learners"):
+            group = getattr(self, name, None)
+            if group is not None:
+                group.shutdown()
 
     def _vllm_kwargs(self) -> dict:
         r = self.cfg.rollout
@@ -147,15 +155,17 @@ class Trainer:
         return self.collect(self.launch_generate(prompt_ids, n, **kwargs))[0]
 
     def _sample_step(self, step: int) -> tuple:
-        """Take the prompts of `step` and start sampling them (the rows and the pending call)."""
+        """Take the prompts of `step` and start sampling them: (rows, pending call, data position
+        before the rows were taken)."""
         c = self.cfg
+        sampler_state = self.sampler.state_dict()
         rows = self.sampler.next(c.trainer.prompts_per_step)
         # rollout_ahead samples with the policy before the update in flight: keep the sampler's
         # own log-probs as the behaviour policy of the importance ratio
         want = c.rollout.return_logprobs or c.trainer.rollout_ahead > 0
         pending = self.launch_generate([r["prompt_ids"] for r in rows], c.rollout.group_size,
                                        seed=c.seed * 7919 + step, want_logprobs=want)
-        return rows, pending
+        return rows, pending, sampler_state
 
     def reference_rows(self, batch) -> torch.Tensor:
         parts = _chunks(list(range(batch.size)), len(self.reference))
@@ -191,7 +201,7 @@ class Trainer:
         c, G = self.cfg, self.cfg.rollout.group_size
         phases, t0 = Phases(), time.perf_counter()
         with phases("generate"):
-            rows, pending = self._pending or self._sample_step(step)
+            rows, pending, _ = self._pending or self._sample_step(step)
             responses, sampler_logp = self.collect(pending)
             self._pending = None
             if c.trainer.rollout_ahead and step < c.trainer.steps:
@@ -251,14 +261,19 @@ class Trainer:
 
     # ---- the run ----------------------------------------------------------------------------
     def fit(self, logger, progress=None) -> dict:
-        """Evaluate, train cfg.trainer.steps steps (evaluating every eval.every), evaluate, save."""
+        """Resume if asked, evaluate, train to cfg.trainer.steps (evaluating every eval.every and
+        checkpointing every checkpoint.every), evaluate at the end."""
         c = self.cfg
-        self.sync_weights()  # proves the channel and the checksum before the first sample
-        start = self.evaluate()
-        logger.log(0, start, kind="eval")
-        print(f"[eval] step 0: {start}", flush=True)
+        done, start = self.maybe_resume(logger)
+        self.sync_weights()  # also proves the channel and the checksum before the first sample
+        if start is None:
+            start = self.evaluate()
+            logger.log(0, start, kind="eval")
+            print(f"[eval] step 0: {start}", flush=True)
         last = start
-        for step in range(1, c.trainer.steps + 1):
+        if progress is not None:
+            progress.update(done)
+        for step in range(done + 1, c.trainer.steps + 1):
             metrics = self.train_step(step)
             logger.log(step, metrics)
             print(logger.console_line(step, c.trainer.steps, metrics), flush=True)
@@ -268,7 +283,42 @@ class Trainer:
                 last = self.evaluate()
                 logger.log(step, last, kind="eval")
                 print(f"[eval] step {step}: {last}", flush=True)
+            if c.checkpoint.every and step % c.checkpoint.every == 0:
+                self.save_checkpoint(step, start)
         return {"start": start, "end": last}
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, start_eval: dict) -> str:
+        t0 = time.perf_counter()
+        tmp = checkpoint.begin(self.run_dir, step)
+        self.learners.call("save_checkpoint", os.path.join(tmp, "learner"))
+        # with a sample in flight, the data position is the one before it was drawn
+        sampler_state = self._pending[2] if self._pending else self.sampler.state_dict()
+        state = {"step": step, "version": self.version, "sampler": sampler_state,
+                 "start_eval": start_eval, "seed": self.cfg.seed}
+        path = checkpoint.commit(self.run_dir, tmp, step, state, self.cfg.checkpoint.keep)
+        print(f"[checkpoint] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        return path
+
+    def maybe_resume(self, logger) -> tuple[int, dict | None]:
+        """(steps already done, start-of-run eval) from the checkpoint trainer.resume names."""
+        mode = self.cfg.trainer.resume
+        if mode == "none":
+            return 0, None
+        path = checkpoint.find_resumable(self.run_dir) if mode == "auto" else mode
+        if path is None:
+            print("[resume] no checkpoint yet: starting from the beginning", flush=True)
+            return 0, None
+        problem = checkpoint.damage(path)
+        if problem:
+            raise RuntimeError(f"trainer.resume: checkpoint {path} cannot be loaded: {problem}")
+        state = checkpoint.load_state(path)
+        self.learners.call("load_checkpoint", os.path.join(path, "learner"))
+        self.version = state["version"]
+        self.sampler.load_state_dict(state["sampler"])
+        logger.truncate_after(state["step"])
+        print(f"[resume] from {path}: step {state['step']}, policy version {self.version}", flush=True)
+        return state["step"], state["start_eval"]
 
     def save_policy(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)

@@ -206,6 +206,17 @@ class LearnerWorker:
         out["behavior_logp_gap"] = self.behavior_gap
         return out
 
+    # ---- checkpoints (DeepSpeed's own format: model, optimizer and scheduler, per rank) -------
+    def save_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="state", client_state={"version": self.version})
+
+    def load_checkpoint(self, directory: str) -> None:
+        path, client = self.engine.load_checkpoint(directory, tag="state", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"learner rank {self.rank}: no DeepSpeed checkpoint in {directory}")
+        self.version = client["version"]
+
     # ---- weights out --------------------------------------------------------------------------
     def _named_params(self):
         return list(self.engine.module.policy.named_parameters())

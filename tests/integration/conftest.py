@@ -36,7 +36,8 @@ def build_trainer(tmp_path, overrides=()):
                       [*TEST_OVERRIDES, f"output_dir={tmp_path}", *overrides])
     model_path = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = Trainer(cfg, model_path, tokenizer, load_prompt_sets(cfg, tokenizer))
+    trainer = Trainer(cfg, model_path, tokenizer, load_prompt_sets(cfg, tokenizer),
+                      str(tmp_path / cfg.run_name))
     trainer.rewards = RewardPool([{"name": "exact"}], num_workers=0)
     trainer.start_actors()
     return trainer
@@ -44,5 +45,4 @@ def build_trainer(tmp_path, overrides=()):
 
 def stop_trainer(trainer) -> None:
     trainer.rewards.close()
-    for group in (trainer.rollout, trainer.reference, trainer.learners):
-        group.shutdown()
+    trainer.stop_actors()

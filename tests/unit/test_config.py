@@ -1,0 +1,63 @@
+"""Config: YAML + dotlist overrides, and one-line errors that name the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from system.config import ConfigError, load_config, to_yaml
+
+DEBUG = "configs/debug.yaml"
+
+
+def test_overrides_apply_and_resolved_config_round_trips(tmp_path):
+    cfg = load_config(DEBUG, ["algo.kl.mode=k3", "trainer.steps=5", "learner.lr=1e-5"])
+    assert (cfg.algo.kl.mode, cfg.trainer.steps, cfg.learner.lr) == ("k3", 5, 1e-5)
+    path = tmp_path / "resolved.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("override, key, reason", [
+    ("algo.kl.mod=k3", "algo.kl.mod", "not in"),
+    ("trainer.steps=abc", "trainer.steps", "could not be converted"),
+    ("rollout.group_size=1", "rollout.group_size", ">= 2"),
+    ("algo.clip_low=0.5", None, None),  # valid on its own
+    ("algo.kl.coef=-0.1", "algo.kl.coef", ">= 0"),
+    ("algo.kl.mode=k4", "algo.kl.mode", "must be one of"),
+    ("algo.aggregation=mean", "algo.aggregation", "must be one of"),
+    ("learner.zero_stage=4", "learner.zero_stage", "0, 1, 2 or 3"),
+    ("reference.transport=topk", "reference.transport", "hidden or logits"),
+    ("learner.minibatches=5", "trainer.prompts_per_step", "divide evenly"),
+    ("reward.functions=[{nme: math}]", "reward.functions[0]", "nme"),
+    ("data.source=file", "data.train_path", "required"),
+    ("bogus", "bogus", "key=value"),
+])
+def test_bad_values_name_the_key(override, key, reason):
+    if key is None:
+        load_config(DEBUG, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, [override])
+    message = str(err.value)
+    assert "\n" not in message
+    assert key in message and reason in message, message
+
+
+def test_reversed_clip_bounds_are_rejected():
+    with pytest.raises(ConfigError, match="algo.clip"):
+        load_config(DEBUG, ["algo.clip_low=0.3", "algo.clip_high=-0.5"])
+
+
+def test_missing_config_file_and_missing_model_path():
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("configs/nope.yaml")
+    with pytest.raises(ConfigError, match="model.path"):
+        load_config(None, [])
+
+
+def test_cli_prints_one_line_error_and_exit_code(capsys):
+    from system.train import main
+
+    assert main(["--config", DEBUG, "rollout.group_size=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "config error: rollout.group_size: must be >= 2 (group advantages need a group)"
