@@ -51,8 +51,9 @@ def init_ray(cfg) -> None:
     if ray.is_initialized():  # embedded use (tests, notebooks): keep the caller's cluster
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"log_to_driver": cfg.ray.log_to_driver,
-              "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
+    # no runtime_env here: a submitted job's own runtime env would clash with it; the actors get
+    # their environment from ActorGroup
+    kwargs = {"log_to_driver": cfg.ray.log_to_driver}
     if address and address != "local":
         ray.init(address=address, **kwargs)
         return
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return train(cfg, model_path, run_dir)
 
 
@@ -90,7 +92,7 @@ def train(cfg, model_path: str, run_dir: str) -> int:
     from transformers import AutoTokenizer
 
     from system.data.prompts import load_prompt_sets
-    from system.resources import check_cluster_resources
+    from system.resources import ResourceError, check_cluster_resources
     from system.rewards.pool import RewardPool
     from system.trainer import Trainer
 
@@ -99,7 +101,11 @@ def train(cfg, model_path: str, run_dir: str) -> int:
     prompts = load_prompt_sets(cfg, tokenizer)
     print(f"[data] {len(prompts.train)} train prompts, {len(prompts.heldout)} held-out {prompts.stats}")
     init_ray(cfg)
-    check_cluster_resources(cfg, ray.cluster_resources())
+    try:
+        check_cluster_resources(cfg, ray.cluster_resources())
+    except ResourceError as err:
+        print(f"resource error: {err}", file=sys.stderr)
+        return 2
     logger = MetricsLogger(run_dir)
     specs = [{"name": s.name, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in cfg.reward.functions]
     with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s) as pool:
