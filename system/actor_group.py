@@ -3,7 +3,9 @@
 The driver calls a group as if it were one object: `group.call("method", *args)` runs the method
 on every actor and returns their results in rank order; `group.call_each("method", [args...])`
 gives each rank its own arguments. Actor classes are named by "module:Class" so that `system`
-never imports the heavy worker modules itself.
+never imports the heavy worker modules itself. With max_restarts > 0, Ray restarts an actor whose
+process dies (same constructor arguments, same placement bundle); calls in flight fail, and the
+driver decides what to redo (system/faults.py).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def _load(path: str):
 
 class ActorGroup:
     def __init__(self, name: str, cls_path: str, num: int, num_cpus: float, num_gpus: float,
-                 make_args, env: dict | None = None, strategy: str = "PACK"):
+                 make_args, env: dict | None = None, strategy: str = "PACK", max_restarts: int = 0):
         """make_args(rank) -> (args, kwargs) for the actor's constructor."""
         self.name = name
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
@@ -34,7 +36,7 @@ class ActorGroup:
         for rank in range(num):
             args, kwargs = make_args(rank)
             self.actors.append(remote_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus,
+                num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
                 runtime_env={"env_vars": env or {}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),

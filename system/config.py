@@ -145,6 +145,19 @@ class SyncConfig:
 
 
 @dataclass
+class FaultsConfig:
+    max_actor_restarts: int = 5  # rollout/reference restarts survived per submission; then checkpoint, stop
+    restart_timeout_s: float = 600.0  # wait for a restarted worker (process start + model load) this long
+    max_nonfinite_in_a_row: int = 3  # steps in a row with a NaN/inf update skipped before the run stops
+    # testing aids (fault injection); leave empty in real runs
+    nan_loss_at: list = field(default_factory=list)  # training steps at which the learners make the loss NaN
+    nan_grad_at: list = field(default_factory=list)  # training steps with a finite loss but NaN gradients
+    # policy versions (0: the first sync, k: after step k) whose sync rollout worker 0 corrupts (hf
+    # backend): listed once, the retry heals it; listed twice, the retry fails too and the run stops
+    corrupt_sync_at: list = field(default_factory=list)
+
+
+@dataclass
 class RayConfig:
     address: str = ""  # "": RAY_ADDRESS, else a running cluster, else a new local one; "local": always new
     torch_threads: int = 1  # torch threads per actor process
@@ -167,6 +180,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -284,6 +298,20 @@ def validate(cfg: Config) -> None:
     _check(cfg.sync.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
     _check(cfg.sync.backend in ("auto", "gloo", "nccl"), "sync.backend", "must be auto, gloo or nccl")
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
+    _validate_faults(cfg)
+
+
+def _validate_faults(cfg: Config) -> None:
+    f = cfg.faults
+    _check(f.max_actor_restarts >= 0, "faults.max_actor_restarts", "must be >= 0")
+    _check(f.restart_timeout_s > 0, "faults.restart_timeout_s", "must be > 0")
+    _check(f.max_nonfinite_in_a_row >= 1, "faults.max_nonfinite_in_a_row", "must be >= 1")
+    for key, first in (("nan_loss_at", 1), ("nan_grad_at", 1), ("corrupt_sync_at", 0)):
+        values = getattr(f, key)
+        _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= first for v in values),
+               f"faults.{key}", f"must be a list of step numbers >= {first}")
+    if f.corrupt_sync_at:
+        _check(cfg.rollout.backend == "hf", "faults.corrupt_sync_at", "is implemented for rollout.backend=hf")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -8,6 +8,8 @@ attach to a running Ray cluster (RAY_ADDRESS, or `ray start` on this machine) or
 one; check the cluster has the resources the config asks for; start the actors; train; save the
 final policy as a Hugging Face model directory; print a summary table.
 Outputs: <output_dir>/<run_name>/{config.yaml, metrics.jsonl, tensorboard/, final/, summary.json}.
+Exit codes: 0 done; 2 a bad config or data (one line on stderr: "config error: ..."); 1 the run
+stopped on a failure it cannot survive (one line on stderr: "error: ..." with how to resume).
 """
 
 from __future__ import annotations
@@ -83,7 +85,16 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return train(cfg, model_path, run_dir)
+    from system.faults import RunStopped
+
+    try:
+        return train(cfg, model_path, run_dir)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except RunStopped as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
 
 
 def train(cfg, model_path: str, run_dir: str) -> int:
@@ -98,7 +109,10 @@ def train(cfg, model_path: str, run_dir: str) -> int:
 
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    prompts = load_prompt_sets(cfg, tokenizer)
+    try:
+        prompts = load_prompt_sets(cfg, tokenizer)
+    except (OSError, ValueError) as err:  # missing, empty or unusable dataset: name it, no traceback
+        raise ConfigError(str(err) if str(err).startswith("data.") else f"data: {err}") from None
     print(f"[data] {len(prompts.train)} train prompts, {len(prompts.heldout)} held-out {prompts.stats}")
     init_ray(cfg)
     try:

@@ -7,6 +7,8 @@ One step (`train_step`):
 4. learners compute pi_old / pi_ref log-probs, the driver turns rewards into group advantages
    (KL folded into the reward first in `reward` mode), learners run mu epochs of minibatches;
 5. learner rank 0 broadcasts the new weights; rollout workers load them and the checksums match.
+Steps, syncs and evaluations go through system/faults.py, which recovers from a rollout/reference
+worker restart (the step is redone) and stops the run clearly on what cannot be survived.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from system.algo.advantages import group_advantages
 from system.algo.kl import get_kl_mode
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.prompts import PromptSampler, PromptSets
+from system.faults import ChecksumMismatch, FaultHandler
 
 
 class Phases:
@@ -54,6 +57,8 @@ class Trainer:
         self.kl_mode = get_kl_mode(cfg.algo.kl.mode)
         self.version = 0
         self._pending = None  # rollout_ahead: _sample_step() of the next step, in flight
+        self.faults = FaultHandler(self)
+        self.start_eval = None  # the start-of-run evaluation, once known (checkpoints carry it)
 
     # ---- actors -----------------------------------------------------------------------------
     def start_actors(self) -> None:
@@ -62,14 +67,13 @@ class Trainer:
         threads = c.ray.torch_threads
         self.rollout = ActorGroup(
             "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
-            c.rollout.num_gpus, lambda r: ((self.model_path, c.rollout.backend, c.model.dtype,
-                                            threads, c.seed + 10 * r), {"vllm_kwargs": self._vllm_kwargs()}),
-            env)
+            c.rollout.num_gpus, self._rollout_args, env, max_restarts=c.faults.max_actor_restarts)
         self.reference = ActorGroup(
             "reference", "workers.reference:ReferenceWorker", c.reference.num_workers,
             c.reference.num_cpus, c.reference.num_gpus,
             lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
-                       {"micro_batch": c.reference.micro_batch}), env)
+                       {"micro_batch": c.reference.micro_batch}), env,
+            max_restarts=c.faults.max_actor_restarts)
         n = c.learner.num_ranks
         self.learners = ActorGroup(
             "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
@@ -77,6 +81,7 @@ class Trainer:
         self.learners.init_collective()
         self.learners.call("build")
         self._init_weight_sync()
+        self.faults.record_pids()
 
     def stop_actors(self) -> None:
         for name in ("rollout", "reference", "learners"):
@@ -88,6 +93,12 @@ class Trainer:
         r = self.cfg.rollout
         return {"gpu_memory_utilization": r.gpu_memory_utilization,
                 "tensor_parallel_size": r.tensor_parallel_size} if r.backend == "vllm" else {}
+
+    def _rollout_args(self, rank: int) -> tuple[tuple, dict]:
+        c = self.cfg
+        corrupt = c.faults.corrupt_sync_at if rank == 0 else []  # a testing aid: {version: attempts}
+        return ((self.model_path, c.rollout.backend, c.model.dtype, c.ray.torch_threads, c.seed + 10 * rank),
+                {"vllm_kwargs": self._vllm_kwargs(), "corrupt_sync": {v: corrupt.count(v) for v in corrupt}})
 
     def _learner_cfg(self) -> dict:
         c, lr = self.cfg, self.cfg.learner
@@ -101,7 +112,8 @@ class Trainer:
                 "minibatches": lr.minibatches, "epochs": lr.epochs, "kl_mode": c.algo.kl.mode,
                 "kl_coef": c.algo.kl.coef, "clip_low": c.algo.clip_low,
                 "clip_high": c.algo.clip_high, "dual_clip": c.algo.dual_clip,
-                "aggregation": c.algo.aggregation, "max_len": c.rollout.max_new_tokens}
+                "aggregation": c.algo.aggregation, "max_len": c.rollout.max_new_tokens,
+                "nan_loss_at": list(c.faults.nan_loss_at), "nan_grad_at": list(c.faults.nan_grad_at)}
 
     def _init_weight_sync(self) -> None:
         backend = self.cfg.sync.backend
@@ -122,8 +134,9 @@ class Trainer:
         digest, received = ray.get(sent)[0], ray.get(got)
         for i, d in enumerate(received):
             if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in zip(digest, d)):
-                raise RuntimeError(f"weight sync: rollout worker {i} checksum {d} != learner {digest}"
-                                   f" (policy version {self.version})")
+                raise ChecksumMismatch(f"weight sync: rollout worker {i} checksum {d} != learner "
+                                       f"{digest} (policy version {self.version})")
+        self.weight_norm = math.sqrt(digest[1])
 
     # ---- phases -----------------------------------------------------------------------------
     def launch_generate(self, prompt_ids: list[list[int]], n: int, *, seed: int,
@@ -192,7 +205,8 @@ class Trainer:
         outs = self.learners.call_each("update", [(adv[i], normalizers) for i in index])
         total = sum(o["tokens"] for o in outs)
         learner = {k: sum(o[k] * o["tokens"] for o in outs) / max(total, 1)
-                   for k in outs[0] if k != "tokens"}
+                   for k in outs[0] if k not in ("tokens", "skipped")}
+        extra["updates_skipped"] = outs[0]["skipped"]  # the ranks agree on every skip
         learner["loss"] = sum(o["loss"] for o in outs)  # rank losses share the global normalizer
         return {**learner, **extra, **{k: float(v) for k, v in adv_metrics.items()}}
 
@@ -219,7 +233,7 @@ class Trainer:
             learn_metrics = self.learn(batch, rewards, ref_rows)
         with phases("sync"):
             self.version += 1
-            self.sync_weights()
+            self.faults.sync()
         step_s = time.perf_counter() - t0
         n_tokens = int(batch.loss_mask.sum())
         eos = self.tokenizer.eos_token_id
@@ -231,6 +245,7 @@ class Trainer:
             "truncated_frac": sum(1 for r in responses if not r or r[-1] != eos) / batch.size,
             "ref_bytes": self.last_ref_bytes, "ref_bytes_per_token": self.last_ref_bytes / max(n_tokens, 1),
             "tokens_per_s": n_tokens / step_s, "step_s": step_s, "policy_version": self.version,
+            "weight_norm": self.weight_norm,
             **{f"time_{k}": v for k, v in phases.seconds.items()},
             **{k: v for k, v in reward_metrics.items() if isinstance(v, (int, float))},
         }
@@ -265,27 +280,35 @@ class Trainer:
         checkpointing every checkpoint.every), evaluate at the end."""
         c = self.cfg
         done, start = self.maybe_resume(logger)
-        self.sync_weights()  # also proves the channel and the checksum before the first sample
+        self.faults.sync()  # also proves the channel and the checksum before the first sample
         if start is None:
-            start = self.evaluate()
+            logger.log(0, self.data_stats(), kind="data")
+            start = self.faults.call(self.evaluate, "evaluation")
             logger.log(0, start, kind="eval")
             print(f"[eval] step 0: {start}", flush=True)
-        last = start
+        last = self.start_eval = start
         if progress is not None:
             progress.update(done)
         for step in range(done + 1, c.trainer.steps + 1):
-            metrics = self.train_step(step)
+            metrics = self.faults.run_step(step)
             logger.log(step, metrics)
             print(logger.console_line(step, c.trainer.steps, metrics), flush=True)
+            self.faults.check_nonfinite(step)
             if progress is not None:
                 progress.update(1)
             if step == c.trainer.steps or (c.eval.every and step % c.eval.every == 0):
-                last = self.evaluate()
+                last = self.faults.call(self.evaluate, f"evaluation at step {step}")
                 logger.log(step, last, kind="eval")
                 print(f"[eval] step {step}: {last}", flush=True)
-            if c.checkpoint.every and step % c.checkpoint.every == 0:
-                self.save_checkpoint(step, start)
+            if c.checkpoint.every and step % c.checkpoint.every == 0 and self.faults.healthy:
+                self.faults.call(lambda: self.save_checkpoint(step, start), f"checkpoint {step}")
         return {"start": start, "end": last}
+
+    def data_stats(self) -> dict:
+        """What loading the prompts kept and skipped (bad rows, prompts too long), for metrics."""
+        stats = {k: v for k, v in self.prompts.stats.items() if k != "path" and not k.endswith("_path")}
+        return {"train_prompts": len(self.prompts.train), "heldout_prompts": len(self.prompts.heldout),
+                **stats}
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, step: int, start_eval: dict) -> str:
@@ -295,7 +318,7 @@ class Trainer:
         # with a sample in flight, the data position is the one before it was drawn
         sampler_state = self._pending[2] if self._pending else self.sampler.state_dict()
         state = {"step": step, "version": self.version, "sampler": sampler_state,
-                 "start_eval": start_eval, "seed": self.cfg.seed}
+                 "start_eval": start_eval, "seed": self.cfg.seed, "faults": self.faults.state_dict()}
         path = checkpoint.commit(self.run_dir, tmp, step, state, self.cfg.checkpoint.keep)
         print(f"[checkpoint] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
         return path
@@ -316,6 +339,7 @@ class Trainer:
         self.learners.call("load_checkpoint", os.path.join(path, "learner"))
         self.version = state["version"]
         self.sampler.load_state_dict(state["sampler"])
+        self.faults.load_state_dict(state.get("faults", {}))
         logger.truncate_after(state["step"])
         print(f"[resume] from {path}: step {state['step']}, policy version {self.version}", flush=True)
         return state["step"], state["start_eval"]

@@ -9,7 +9,8 @@ Steps, driven by system/trainer.py:
    pi_ref (per-sequence k1 sums go back to the driver for KL-in-reward).
 3. `update(advantages, normalizers)`: mu epochs over the minibatches; each minibatch is one
    optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
-   average to the whole minibatch's gradient.
+   average to the whole minibatch's gradient. A minibatch whose loss or gradients are NaN/inf on
+   any rank is skipped on every rank (no backward / no optimizer step) and counted (`skipped`).
 4. `send_weights`: rank 0 broadcasts the parameters to the rollout workers (all ranks join the
    gather under ZeRO-3).
 
@@ -24,6 +25,7 @@ import socket
 
 import deepspeed
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from system.algo.kl import get_kl_mode, loss_kl, logprobs_from_logits, sampled_kl
@@ -170,7 +172,7 @@ class LearnerWorker:
         mode = get_kl_mode(c["kl_mode"])
         shard = dict(self.shard, advantages=advantages)
         sums: dict[str, float] = {}
-        steps = 0
+        steps = skipped = 0
         for _ in range(c["epochs"]):
             for i, mb in enumerate(self._minibatches(shard)):
                 dev = {k: v.to(self.device) for k, v in mb.items() if torch.is_tensor(v)}
@@ -187,9 +189,8 @@ class LearnerWorker:
                     clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
                     kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
                     normalizer=normalizers[i], max_len=c["max_len"])
-                # DeepSpeed averages gradients over ranks; the normalizer is the whole minibatch's
-                self.engine.backward(loss * self.world_size)
-                self.engine.step()
+                loss = self._inject_nonfinite(loss, logp_p)
+                skipped += not self._apply(loss)
                 steps += 1
                 with torch.no_grad():
                     k3 = sampled_kl(logp, dev["ref_logp"], "k3")
@@ -204,7 +205,44 @@ class LearnerWorker:
         out = {k: v / steps for k, v in sums.items()}
         out["tokens"] = int(self.shard["loss_mask"].sum())
         out["behavior_logp_gap"] = self.behavior_gap
+        out["skipped"] = skipped
         return out
+
+    def _inject_nonfinite(self, loss: torch.Tensor, logp_p: torch.Tensor) -> torch.Tensor:
+        """Testing aids (faults.nan_loss_at / nan_grad_at): at those training steps make the loss
+        NaN, or keep it finite with NaN gradients (sqrt'(0) = inf, times 0)."""
+        step = self.version + 1
+        if step in self.cfg.get("nan_loss_at", ()):
+            return loss * float("nan")
+        if step in self.cfg.get("nan_grad_at", ()):
+            return loss + 0 * torch.sqrt(logp_p.sum() * 0)
+        return loss
+
+    def _apply(self, loss: torch.Tensor) -> bool:
+        """Backward and optimizer step, unless the loss or the gradients are not finite on some
+        rank: then every rank skips both (the ranks stay in step) and this returns False.
+
+        The loss is checked here on every ZeRO stage. Gradients: ZeRO-1/2/3 and the bf16 optimizer
+        check their own gradient norm and skip the step on NaN/inf (engine.skipped_steps counts
+        it); a plain torch optimizer (ZeRO-0, fp32) has no such check, so it is done here.
+        """
+        if not _all_ranks(torch.isfinite(loss.detach()).all(), self.device):
+            return False
+        # DeepSpeed averages gradients over ranks; the normalizer is the whole minibatch's
+        self.engine.backward(loss * self.world_size)
+        if not hasattr(self.engine.optimizer, "overflow"):
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            if not _all_ranks(finite, self.device):
+                self.engine.optimizer.zero_grad(set_to_none=True)
+                return False
+        before = self.engine.skipped_steps
+        self.engine.step()
+        return self.engine.skipped_steps == before
+
+    def pid(self) -> int:
+        """This process's id (tests kill it to check that the run stops clearly)."""
+        return os.getpid()
 
     # ---- checkpoints (DeepSpeed's own format: model, optimizer and scheduler, per rank) -------
     def save_checkpoint(self, directory: str) -> None:
@@ -261,6 +299,13 @@ class LearnerWorker:
 
                 self.engine.module.policy.save_pretrained(path)
                 AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+
+
+def _all_ranks(ok, device: torch.device) -> bool:
+    """True only if `ok` holds on every rank of DeepSpeed's group (the default one here)."""
+    flag = torch.tensor([1.0 if bool(ok) else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() > 0)
 
 
 def _full_shape(p: torch.Tensor):

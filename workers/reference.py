@@ -12,6 +12,8 @@ Rows are packed in batch order: sequence by sequence, position by position, only
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from workers.common import load_causal_lm, setup_process
@@ -27,6 +29,10 @@ class ReferenceWorker:
         self.model.requires_grad_(False)
         self.transport = transport
         self.micro_batch = micro_batch
+
+    def pid(self) -> int:
+        """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""
+        return os.getpid()
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -12,6 +12,8 @@ sync, see workers/weight_sync.py), which loads them, bumps the version and retur
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from workers.common import load_causal_lm, pad_batch, seed_all, setup_process
@@ -72,10 +74,13 @@ class RolloutWorker:
     """One rollout actor: owns a generation backend and the policy version it samples with."""
 
     def __init__(self, model_path: str, backend: str, dtype: str, torch_threads: int, seed: int,
-                 vllm_kwargs: dict | None = None):
+                 vllm_kwargs: dict | None = None, corrupt_sync: dict | None = None):
+        """corrupt_sync: {policy version: attempts}, a testing aid (faults.corrupt_sync_at): the
+        first `attempts` syncs of that version perturb one loaded weight, so checksums disagree."""
         self.device = setup_process(torch_threads, seed)
         self.version = 0
         self.sync: SyncGroup | None = None
+        self.corrupt_sync = dict(corrupt_sync or {})
         if backend == "hf":
             self.backend = HFBackend(model_path, dtype, self.device)
         elif backend == "vllm":
@@ -106,8 +111,21 @@ class RolloutWorker:
             digest = self.backend.receive_weights(buckets)
         else:
             digest = self.backend.load_weights(self.sync.receive(buckets))
+            if self.corrupt_sync.get(version, 0) > 0:
+                digest = self._corrupt_one_weight(version)
         self.version = version
         return digest
+
+    def _corrupt_one_weight(self, version: int) -> list[float]:
+        self.corrupt_sync[version] -= 1
+        named = self.backend.named_weights()
+        with torch.no_grad():
+            named[0][1].view(-1)[0] += 1.0
+        return checksum(named)
+
+    def pid(self) -> int:
+        """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""
+        return os.getpid()
 
     def weights(self) -> dict:
         """The loaded weights, for tests that compare them with the learner's bit for bit."""

@@ -1,8 +1,7 @@
-"""Shared fixtures: one local Ray cluster on 127.0.0.1 per session, and trainers built on it."""
+"""Shared helpers: trainers built on the session's Ray cluster (the `ray_cluster` fixture is in
+tests/conftest.py, shared with tests/faults)."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
@@ -11,15 +10,6 @@ ray = pytest.importorskip("ray")
 # A short warm start: these tests check the pipeline, not how well the policy learns.
 TEST_OVERRIDES = ["model.debug_settings={warm_start: {steps: 30}}", "eval.size=16",
                   "trainer.progress_bar=false", "trainer.prompts_per_step=8", "rollout.group_size=4"]
-
-
-@pytest.fixture(scope="session")
-def ray_cluster():
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
-    yield
-    ray.shutdown()
 
 
 def build_trainer(tmp_path, overrides=()):

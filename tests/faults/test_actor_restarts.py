@@ -1,0 +1,47 @@
+"""Rollout and reference workers killed mid-run: Ray restarts them, the step is redone, the run
+finishes; past faults.max_actor_restarts the run saves a checkpoint and stops with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from system import checkpoint
+from tests.faults.conftest import before_steps, ray_kill, sigkill
+
+pytestmark = pytest.mark.slow
+
+
+def test_killed_rollout_and_reference_workers_restart_and_the_run_finishes(faults_run, monkeypatch):
+    # rollout: SIGKILL with a rollout_ahead sample in flight; reference: ray.kill (restartable)
+    before_steps(monkeypatch, {2: sigkill("rollout"), 3: ray_kill("reference")})
+    run = faults_run("restarts", "trainer.steps=4", "trainer.rollout_ahead=1", "checkpoint.every=4")
+    assert run.rc == 0, run.err
+    assert run.steps() == [1, 2, 3, 4]
+    restarts = {r["step"]: r["actor_restarts"] for r in run.records()}
+    assert restarts[1] == 0 and restarts[2] == 1 and restarts[4] == 2, restarts
+    assert "[faults] rollout worker 0 restarted during" in run.out
+    assert "[faults] reference worker 0 restarted during" in run.out
+    last = run.records()[-1]
+    assert last["policy_version"] == 4  # every step learned once: none was lost or doubled
+    assert run.records("eval")[-1]["step"] == 4
+    assert (run.dir / "final" / "model.safetensors").exists()
+    # redone steps drew their prompts again from where they started: 4 steps x 8 prompts, no more
+    state = checkpoint.load_state(str(run.dir / "checkpoints" / "step_000004"))
+    assert state["sampler"] == {"epoch": 0, "pos": 32}
+
+
+def test_past_the_restart_limit_the_run_saves_a_checkpoint_and_stops(faults_run, monkeypatch):
+    before_steps(monkeypatch, {2: sigkill("rollout"), 3: ray_kill("reference")})
+    run = faults_run("limit", "trainer.steps=4", "faults.max_actor_restarts=1")
+    assert run.rc == 1
+    assert run.steps() == [1, 2]
+    assert "[faults] rollout worker 0 restarted during step 2" in run.out  # step 2 was redone
+    assert "reference worker 0 restarted during step 3" in run.err
+    assert "more than faults.max_actor_restarts=1" in run.err
+    saved = run.dir / "checkpoints" / "step_000002"  # the state after step 2, written at the stop
+    assert f"trainer.resume=auto to continue from the latest checkpoint {saved}" in run.err
+    assert checkpoint.damage(str(saved)) is None
+    state = checkpoint.load_state(str(saved))
+    assert state["faults"]["actor_restarts"] == 2
+    assert state["sampler"] == {"epoch": 0, "pos": 16}  # step 3's prompts are not lost
+    assert "\n" not in run.err.strip()
