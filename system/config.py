@@ -125,6 +125,13 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = True  # TensorBoard events in <run_dir>/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs the wandb package)
+    wandb_project: str = "grpo-fullkl"  # W&B project name
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # evaluate every N steps (0: only at start and end)
     size: int = 300  # held-out problems evaluated
@@ -178,6 +185,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)

@@ -13,11 +13,21 @@ CONSOLE_KEYS = (("reward_mean", "reward", ".3f"), ("accuracy", "acc", ".3f"),
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, tensorboard: bool = True):
+    def __init__(self, run_dir: str, tensorboard: bool = True, wandb_project: str | None = None,
+                 config: dict | None = None):
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self._file = open(self.path, "a", buffering=1)
-        self._tb = None
+        self._tb = self._wandb = None
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                print("[logging] logging.wandb=true but wandb is not installed: skipping W&B "
+                      "(pip install wandb)", flush=True)
+            else:
+                self._wandb = wandb.init(project=wandb_project, name=os.path.basename(run_dir),
+                                         dir=run_dir, config=config, resume="allow")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -38,10 +48,12 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict, kind: str = "train") -> None:
         record = {"kind": kind, "step": step, "time": time.time(), **metrics}
         self._file.write(json.dumps(record) + "\n")
+        scalars = {f"{kind}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
         if self._tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)):
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
 
     @staticmethod
     def console_line(step: int, steps: int, m: dict) -> str:
@@ -53,6 +65,8 @@ class MetricsLogger:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def summary_table(rows: list[tuple[str, str, str]]) -> str:

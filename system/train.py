@@ -99,6 +99,7 @@ def main(argv=None) -> int:
 
 def train(cfg, model_path: str, run_dir: str) -> int:
     import ray
+    from omegaconf import OmegaConf
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
@@ -120,7 +121,9 @@ def train(cfg, model_path: str, run_dir: str) -> int:
     except ResourceError as err:
         print(f"resource error: {err}", file=sys.stderr)
         return 2
-    logger = MetricsLogger(run_dir)
+    logger = MetricsLogger(run_dir, cfg.logging.tensorboard,
+                           cfg.logging.wandb_project if cfg.logging.wandb else None,
+                           config=OmegaConf.to_container(OmegaConf.structured(cfg)))
     specs = [{"name": s.name, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in cfg.reward.functions]
     with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s) as pool:
         trainer = Trainer(cfg, model_path, tokenizer, prompts, run_dir)
