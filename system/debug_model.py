@@ -129,8 +129,22 @@ def build_model(
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
     model.generation_config = GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    model.save_pretrained(out_dir)
+    _save(model, out_dir)
     return model
+
+
+def _save(model, out_dir: str | os.PathLike) -> None:
+    """save_pretrained, plus the config names that readers on transformers 4 (the vLLM image) use.
+
+    transformers 5 writes "dtype" and "rope_parameters"; version 4 reads "torch_dtype" and
+    "rope_theta". Both spell the same values.
+    """
+    model.save_pretrained(out_dir)
+    config_path = Path(out_dir) / "config.json"
+    written = json.loads(config_path.read_text())
+    written.setdefault("torch_dtype", written.get("dtype", "float32"))
+    written.setdefault("rope_theta", written.get("rope_parameters", {}).get("rope_theta", 10000.0))
+    config_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
 
 
 def encode_examples(data: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,7 +174,8 @@ def warm_start(model_dir: str | os.PathLike, train_data: list[dict], steps: int,
 
     AdamW with a short linear warm-up then cosine decay to lr/10 (the decay makes the accuracy
     reached after a given number of steps far less noisy), gradient clipping at 1.0, batches drawn
-    epoch by epoch from a seeded permutation. Returns {"steps", "loss_first", "loss_last", "seconds"}.
+    epoch by epoch from a seeded permutation. Returns {"steps", "train_probe_accuracy", "loss_first",
+    "loss_last", "seconds"}.
     """
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -169,6 +184,7 @@ def warm_start(model_dir: str | os.PathLike, train_data: list[dict], steps: int,
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     warmup = max(1, min(20, steps // 10))
+
     def schedule(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -196,7 +212,7 @@ def warm_start(model_dir: str | os.PathLike, train_data: list[dict], steps: int,
             accuracy = greedy_accuracy(model, tokenizer, probe)
             if accuracy >= stop_at_accuracy:
                 break
-    model.save_pretrained(model_dir)
+    _save(model, model_dir)
     return {
         "steps": len(losses),
         "train_probe_accuracy": accuracy,
@@ -217,11 +233,11 @@ def greedy_accuracy(model, tokenizer, data: list[dict], max_new_tokens: int | No
         max_new_tokens = 1 + max(len(ex["solution"]) for ex in data)
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"
     correct = 0.0
     for i in range(0, len(data), batch_size):
         chunk = data[i : i + batch_size]
-        batch = tokenizer([ex["prompt"] for ex in chunk], return_tensors="pt", padding=True)
+        batch = tokenizer([ex["prompt"] for ex in chunk], return_tensors="pt", padding=True,
+                          padding_side="left")
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         # Keep special tokens: the reward cuts at the first EOS, so text after it is never read.
@@ -279,6 +295,7 @@ def ensure_debug_model(cache_root: str | os.PathLike, settings: dict | None = No
         print(f"[debug_model] held-out greedy accuracy {metrics['heldout_greedy_accuracy']:.3f}"
               f" ({len(heldout)} problems) in {time.perf_counter() - t0:.1f}s")
         (tmp / "debug_model.json").write_text(json.dumps({"settings": settings, "warm_start": metrics}, indent=2))
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; workers of other users may read the cache
         try:
             os.replace(tmp, final)
         except OSError:

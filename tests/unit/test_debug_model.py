@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +39,9 @@ def test_directory_is_a_loadable_qwen2_checkpoint(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForCausalLM"]
     assert config["vocab_size"] % 8 == 0 and config["vocab_size"] >= len(debug_model.TOKENS)
+    assert config["head_dim"] == 64 and config["tie_word_embeddings"] is False
+    assert config["torch_dtype"] == config["dtype"] == "float32"  # names for transformers 4 and 5
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]
     generation = json.loads((model_dir / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (debug_model.EOS_ID, debug_model.PAD_ID)
 
@@ -112,6 +116,9 @@ def test_ensure_debug_model_builds_once_then_returns_the_cache(tmp_path, capsys)
     assert second == first and "cached" in capsys.readouterr().out
     assert [p for p in os.listdir(tmp_path) if p.startswith(".building")] == []
     assert AutoModelForCausalLM.from_pretrained(first).config.hidden_size == 64
+    assert "rope_theta" in json.loads((Path(first) / "config.json").read_text())  # kept after warm start
+    record = json.loads((Path(first) / "debug_model.json").read_text())
+    assert record["warm_start"]["steps"] == 2 and record["settings"]["model"] == TINY | {"max_position_embeddings": 128}
     other = debug_model.ensure_debug_model(tmp_path, {**settings, "seed": 1})
     assert other != first
 
