@@ -9,7 +9,8 @@ ray = pytest.importorskip("ray")
 
 # A short warm start: these tests check the pipeline, not how well the policy learns.
 TEST_OVERRIDES = ["model.debug_settings={warm_start: {steps: 30}}", "eval.size=16",
-                  "trainer.progress_bar=false", "trainer.prompts_per_step=8", "rollout.group_size=4"]
+                  "trainer.progress_bar=false", "trainer.prompts_per_step=8", "rollout.group_size=4",
+                  "learner.minibatches=1"]
 
 
 def build_trainer(tmp_path, overrides=()):

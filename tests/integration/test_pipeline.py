@@ -81,7 +81,7 @@ def test_sync_makes_rollout_weights_equal_learner_bit_for_bit(ray_cluster, tmp_p
 
 
 # the second epoch runs with pi_theta != pi_ref, so the KL and its gradient are not zero
-TWO_EPOCHS = ["learner.epochs=2", "learner.minibatches=1"]
+TWO_EPOCHS = ["learner.epochs=2"]
 
 
 @pytest.fixture(scope="module")
