@@ -96,13 +96,22 @@ def report(runs: list[dict], args, samples_per_step: int) -> str:
     # Amdahl: overlapping generation with the update can at best remove time_generate from a step
     b0 = best[0]
     ideal = b0["step_s"] / max(b0["step_s"] - b0["time_generate"], 1e-9)
+    # A ratio above the ceiling is not rollout_ahead's doing: the other phases ran faster in one run
+    # than in the other (load from other processes); the verdict takes the lower of the two.
+    credited = min(ratio, ideal)
     verdict_table = markdown_table(
         ["samples/s ahead=0 (best / median run)", "samples/s ahead=1 (best / median run)",
          "ratio ahead=1 / ahead=0 (best runs)", "ratio (median runs)",
          "ceiling if generation were fully hidden: step_s / (step_s - generate), best ahead=0 run",
-         "target", "status"],
+         "target", "status (on min(ratio, ceiling))"],
         [[f"{b0['samples_s_clock']:.1f} / {med[0]:.1f}", f"{best[1]['samples_s_clock']:.1f} / {med[1]:.1f}",
-          f"{ratio:.2f}", f"{med[1] / med[0]:.2f}", f"{ideal:.2f}", f">= {TARGET}", verdict(ratio >= TARGET)]])
+          f"{ratio:.2f}", f"{med[1] / med[0]:.2f}", f"{ideal:.2f}", f">= {TARGET}",
+          verdict(credited >= TARGET)]])
+    if ratio > ideal * 1.05:
+        learn = {a: ", ".join(f"{d['time_learn']:.2f}" for d in ds) for a, ds in per.items()}
+        verdict_table += (f"\n\nThe measured ratio exceeds the ceiling: the phases rollout_ahead does not "
+                          f"touch differ between runs (learn s per run: ahead=0 {learn[0]}; ahead=1 "
+                          f"{learn[1]}), i.e. other load on the machine changed between runs.")
     return (f"configs/debug.yaml, N={args.steps} steps per run, {args.repeats} run(s) per setting "
             f"(interleaved 0, 1, 0, 1, ...), steps 1..{args.skip} left out, {samples_per_step} samples per "
             f"step; phase seconds are means over the kept steps of a run; clock = time between "
