@@ -31,7 +31,7 @@ from torch import nn
 from system.algo.kl import get_kl_mode, loss_kl, logprobs_from_logits, sampled_kl
 from system.algo.fused_kl import fused_logprob_kl, logprobs_from_hidden
 from system.algo.losses import grpo_loss
-from workers.common import DTYPES, load_causal_lm, setup_process
+from workers.common import load_causal_lm, setup_process
 from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, plan_buckets
 
 
@@ -168,7 +168,7 @@ class LearnerWorker:
 
     def update(self, advantages: torch.Tensor, normalizers: list[float]) -> dict:
         """mu epochs x minibatches of clipped GRPO with the configured KL mode."""
-        c, module = self.cfg, self.engine.module
+        c = self.cfg
         mode = get_kl_mode(c["kl_mode"])
         shard = dict(self.shard, advantages=advantages)
         sums: dict[str, float] = {}
