@@ -100,3 +100,10 @@ def append_report(name: str, title: str, body: str) -> Path:
                 f"Machine: {machine_description()}\n\n"
                 f"Date: {now.isoformat(timespec='seconds')}\n\n{body.rstrip()}\n")
     return REPORT
+
+
+def publish(name: str, title: str, body: str, append: bool = True) -> None:
+    """Print a benchmark's report and, unless told not to, append it to docs/benchmarks.md."""
+    print(body)
+    if append:
+        print(f"appended to {append_report(name, title, body)}")

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, append_report, markdown_table, median, verdict
+from _common import ROOT, markdown_table, median, verdict, publish
 
 TARGET = 1.3
 PHASES = ("time_generate", "time_reward", "time_reference", "time_learn", "time_sync", "step_s")
@@ -149,9 +149,7 @@ def main() -> int:
     if not all(r["resolved_ahead"] for r in runs):
         body += "\nNote: the resolved config of some run does not show the rollout_ahead it was given.\n"
     body += f"\nTotal benchmark time {time.perf_counter() - t0:.0f} s.\n"
-    print(body)
-    if not args.no_append:
-        print(f"appended to {append_report('end_to_end', 'debug pipeline, rollout_ahead 0 vs 1', body)}")
+    publish('end_to_end', 'debug pipeline, rollout_ahead 0 vs 1', body, append=not args.no_append)
     return 0
 
 

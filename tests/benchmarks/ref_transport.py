@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 
-from _common import ROOT, append_report, markdown_table, median, verdict
+from _common import ROOT, markdown_table, median, verdict, publish
 
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -202,9 +202,7 @@ def main() -> int:
     finally:
         ray.shutdown()
     body = report(results, args) + f"\nTotal benchmark time {time.perf_counter() - t0:.0f} s.\n"
-    print(body)
-    if not args.no_append:
-        print(f"appended to {append_report('ref_transport', 'hidden vs logits reference transport', body)}")
+    publish('ref_transport', 'hidden vs logits reference transport', body, append=not args.no_append)
     return 0
 
 

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, append_report, markdown_table, median, verdict
+from _common import ROOT, markdown_table, median, verdict, publish
 
 RATIO_TARGET = 0.8
 
@@ -285,9 +285,7 @@ def main() -> int:
                 print(f"[vs_trl] round {rnd + 1} {label}: median {median(run['step_s'][1:]):.3f} s/step, "
                       f"rewards {[round(r, 3) for r in run['reward']]}", flush=True)
     body = report(runs, s, args) + f"\nTotal benchmark time {time.perf_counter() - t0:.0f} s.\n"
-    print(body)
-    if not args.no_append:
-        print(f"appended to {append_report('vs_trl', 'this project vs TRL GRPOTrainer, debug model', body)}")
+    publish('vs_trl', 'this project vs TRL GRPOTrainer, debug model', body, append=not args.no_append)
     return 0
 
 

@@ -38,7 +38,7 @@ import os
 import socket
 import time
 
-from _common import ROOT, append_report, markdown_table, median, verdict
+from _common import ROOT, markdown_table, median, verdict, publish
 
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -402,9 +402,7 @@ def main() -> int:
     finally:
         ray.shutdown()
     body = report(results, args) + f"\nTotal benchmark time {time.perf_counter() - t0:.0f} s.\n"
-    print(body)
-    if not args.no_append:
-        print(f"appended to {append_report('weight_sync', 'bucketed broadcast vs one flat broadcast', body)}")
+    publish('weight_sync', 'bucketed broadcast vs one flat broadcast', body, append=not args.no_append)
     return 0
 
 
