@@ -271,18 +271,22 @@ class LearnerWorker:
     def send_weights(self, buckets: list[Bucket]) -> list[float] | None:
         """Broadcast the policy in buckets (rank 0); returns its checksum. All ranks must call."""
         params = dict(self._named_params())
-        digest_parts = []
+        digest = [0.0, 0.0]  # checksum sums add up bucket by bucket: no copy of the weights kept
 
         def tensors(bucket: Bucket):
             ts = [params[m.name] for m in bucket.tensors]
-            digest_parts.extend((m.name, t.detach().clone()) for m, t in zip(bucket.tensors, ts))
+            part = checksum(zip(bucket.tensors, ts))
+            digest[0], digest[1] = digest[0] + part[0], digest[1] + part[1]
             return ts
 
-        for bucket in buckets:
-            with _gathered([params[m.name] for m in bucket.tensors], self.cfg["zero_stage"]):
-                if self.rank == 0:
-                    self.sync.send([bucket], tensors)
-        return checksum(digest_parts) if self.rank == 0 else None
+        if self.cfg["zero_stage"] == 3:  # gather one bucket at a time, every rank joins
+            for bucket in buckets:
+                with _gathered([params[m.name] for m in bucket.tensors], 3):
+                    if self.rank == 0:
+                        self.sync.send([bucket], tensors)
+        elif self.rank == 0:  # one call: packing overlaps the wire; ZeRO-1/2's flat buffer needs no packing
+            self.sync.send(buckets, tensors)
+        return digest if self.rank == 0 else None
 
     def weights(self) -> dict | None:
         named = self._named_params()

@@ -17,7 +17,7 @@ import os
 import torch
 
 from workers.common import load_causal_lm, pad_batch, seed_all, setup_process
-from workers.weight_sync import Bucket, SyncGroup, checksum
+from workers.weight_sync import Bucket, SyncGroup, checksum, flatten_parameters
 
 
 class HFBackend:
@@ -29,6 +29,8 @@ class HFBackend:
         self.device = device
         self.model = load_causal_lm(model_path, dtype, device).eval()
         self.model.requires_grad_(False)
+        flatten_parameters(self.model)  # a bucket is then one span: weight sync receives in place
+        self._params = dict(self.model.named_parameters())
         tok = AutoTokenizer.from_pretrained(model_path)
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -63,11 +65,21 @@ class HFBackend:
     def named_weights(self):
         return list(self.model.named_parameters())
 
+    def destinations(self, bucket: Bucket) -> list[torch.Tensor]:
+        """This backend's parameters for a bucket, for SyncGroup.receive to fill in place."""
+        return [self._params[m.name].data for m in bucket.tensors]
+
     def load_weights(self, named_tensors) -> list[float]:
-        params = dict(self.model.named_parameters())
+        """Copy each tensor into its parameter; the checksum of what was loaded.
+
+        Summed tensor by tensor as they arrive, so it runs while the next bucket is on the wire."""
+        digest = [0.0, 0.0]
         for name, tensor in named_tensors:
-            params[name].data.copy_(tensor)
-        return checksum(self.model.named_parameters())
+            param = self._params[name].data
+            param.copy_(tensor)  # a no-op where it was received in place
+            part = checksum([(name, param)])
+            digest[0], digest[1] = digest[0] + part[0], digest[1] + part[1]
+        return digest
 
 
 class RolloutWorker:
@@ -110,7 +122,7 @@ class RolloutWorker:
         if hasattr(self.backend, "receive_weights"):
             digest = self.backend.receive_weights(buckets)
         else:
-            digest = self.backend.load_weights(self.sync.receive(buckets))
+            digest = self.backend.load_weights(self.sync.receive(buckets, into=self.backend.destinations))
             if self.corrupt_sync.get(version, 0) > 0:
                 digest = self._corrupt_one_weight(version)
         self.version = version

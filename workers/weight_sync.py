@@ -6,6 +6,10 @@ Steps of one sync (driven by one RPC per participant, see system/trainer.py):
    gloo on CPU, NCCL on GPU.
 2. The learner packs parameters into flat buckets of one dtype (`plan_buckets`) and broadcasts
    each bucket with one collective; the receivers unpack views of the same layout and load them.
+   No copy where the layout allows it: a bucket whose tensors lie adjacent in one storage (the
+   learner's under DeepSpeed ZeRO-1/2, the HF rollout backend's after `flatten_parameters`) is
+   broadcast in place. Otherwise two bucket buffers, allocated once and reused, let bucket k be
+   packed (unpacked) while the other one is on the wire.
 3. Both sides compute `checksum` over the named tensors (the receiver over what it loaded), and the
    driver compares them, so weights that silently did not load are caught.
 """
@@ -36,6 +40,10 @@ class Bucket:
     def numel(self) -> int:
         return sum(_numel(t.shape) for t in self.tensors)
 
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
 
 def _numel(shape) -> int:
     n = 1
@@ -61,13 +69,53 @@ def plan_buckets(metas: Iterable[TensorMeta], bucket_bytes: int) -> list[Bucket]
 
 
 def checksum(named: Iterable[tuple[str, torch.Tensor]]) -> list[float]:
-    """[sum, sum of squares] in float64 over all tensors; invariant to how tensors are split or fused."""
-    total, squares = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    """[sum, sum of squares] in float64 over all tensors; invariant to how tensors are split or fused.
+
+    Converted to float64 a chunk at a time (small chunks on CPU, so that they stay in cache):
+    no full-size float64 temporaries.
+    """
+    acc = None
     for _, t in named:
-        t = t.detach().to(torch.float64)
-        total += t.sum().cpu()
-        squares += (t * t).sum().cpu()
-    return [total.item(), squares.item()]
+        flat = t.detach().reshape(-1)
+        if acc is None:
+            acc = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for c in flat.split(1 << 16 if flat.device.type == "cpu" else 1 << 24):
+            c = c.to(torch.float64)
+            acc[0] += c.sum()
+            acc[1] += torch.dot(c, c)
+    return [0.0, 0.0] if acc is None else acc.cpu().tolist()
+
+
+def contiguous_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """A 1-D view over the tensors when they lie adjacent, in order, in one storage; else None."""
+    first = tensors[0]
+    ptr, storage = first.data_ptr(), first.untyped_storage().data_ptr()
+    for t in tensors:
+        if (not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device
+                or t.data_ptr() != ptr or t.untyped_storage().data_ptr() != storage):
+            return None
+        ptr += t.numel() * t.element_size()
+    numel = sum(t.numel() for t in tensors)
+    return first.detach().new_empty(0).set_(first.untyped_storage(), first.storage_offset(), (numel,))
+
+
+def flatten_parameters(module: torch.nn.Module) -> None:
+    """Move the parameters into one buffer per (device, dtype), in named_parameters order.
+
+    Buckets are runs of consecutive parameters of one dtype (plan_buckets over the same names), so
+    each bucket is then one span of memory that `SyncGroup.receive` fills in place.
+    """
+    groups: dict = {}
+    for _, p in module.named_parameters():
+        groups.setdefault((p.device, p.dtype), []).append(p)
+    for (device, dtype), params in groups.items():
+        flat = torch.empty(sum(p.numel() for p in params), dtype=dtype, device=device)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            flat[offset:offset + n].copy_(p.data.reshape(-1))
+            p.data = flat[offset:offset + n].view_as(p)
+            offset += n
 
 
 class SyncGroup:
@@ -86,26 +134,67 @@ class SyncGroup:
             self.pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
             self.device = torch.device("cpu")
         self._store = store  # the group needs the store alive
+        self._buffers: list[torch.Tensor | None] = [None, None]  # reused across buckets and syncs
 
-    def _broadcast(self, flat: torch.Tensor) -> None:
+    def _buffer(self, i: int, bucket: Bucket) -> torch.Tensor:
+        """Reusable buffer i (0 or 1) as a flat tensor of the bucket's dtype and size."""
+        buf = self._buffers[i]
+        if buf is None or buf.numel() < bucket.nbytes:
+            buf = self._buffers[i] = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device)
+        return buf[:bucket.nbytes].view(bucket.dtype)
+
+    def _broadcast_async(self, flat: torch.Tensor):
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
-        self.pg.broadcast([flat], opts).wait()
+        return self.pg.broadcast([flat], opts)
+
+    def _wait(self, work) -> None:
+        work.wait()
         if self.backend == "nccl":
             torch.cuda.current_stream().synchronize()
 
     def send(self, buckets: list[Bucket], get_tensors) -> None:
-        """Broadcast each bucket. get_tensors(bucket) -> list of full tensors in bucket order."""
-        for bucket in buckets:
-            tensors = get_tensors(bucket)
-            flat = torch.cat([t.detach().reshape(-1).to(self.device, bucket.dtype) for t in tensors])
-            self._broadcast(flat)
+        """Broadcast each bucket. get_tensors(bucket) -> list of full tensors in bucket order.
 
-    def receive(self, buckets: list[Bucket]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Receive each bucket and yield (name, tensor) views into it, bucket by bucket."""
-        for bucket in buckets:
-            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=self.device)
-            self._broadcast(flat)
+        Tensors adjacent in one storage on this device go as they are; the others are packed into
+        a reused buffer while the previous bucket is on the wire.
+        """
+        pending = None
+        for i, bucket in enumerate(buckets):
+            tensors = [t.detach() for t in get_tensors(bucket)]
+            flat = contiguous_span(tensors)
+            if flat is None or flat.device != self.device or flat.dtype != bucket.dtype:
+                flat = self._buffer(i % 2, bucket)
+                torch.cat([t.reshape(-1).to(self.device, bucket.dtype) for t in tensors], out=flat)
+            if pending is not None:
+                self._wait(pending)
+            pending = self._broadcast_async(flat)
+        if pending is not None:
+            self._wait(pending)
+
+    def receive(self, buckets: list[Bucket], into=None) -> Iterator[tuple[str, torch.Tensor]]:
+        """Receive each bucket and yield (name, tensor), bucket by bucket.
+
+        into(bucket) -> the caller's destination tensors for it (or None): when they lie adjacent
+        in one storage on this device, the bucket is received straight into them and the yielded
+        tensors are the destinations themselves (copy_ onto itself is a no-op). Otherwise bucket
+        k+1 is received into a reused buffer while the caller loads bucket k: copy each yielded
+        tensor before asking for the next one.
+        """
+        def issue(i: int):
+            bucket = buckets[i]
+            dest = into(bucket) if into is not None else None
+            flat = contiguous_span(dest) if dest else None
+            if flat is None or flat.device != self.device or flat.dtype != bucket.dtype:
+                flat = self._buffer(i % 2, bucket)
+            return flat, self._broadcast_async(flat)
+
+        nxt = issue(0) if buckets else None
+        for i, bucket in enumerate(buckets):
+            flat, work = nxt
+            self._wait(work)
+            if i + 1 < len(buckets):
+                nxt = issue(i + 1)
             offset = 0
             for m in bucket.tensors:
                 n = _numel(m.shape)
