@@ -119,7 +119,7 @@ class AlgoConfig:
 class TrainerConfig:
     steps: int = 10  # training steps (one batch of prompts each)
     prompts_per_step: int = 16  # B: prompts per step
-    rollout_ahead: int = 0  # 1: sample step k+1 while the learner updates on step k
+    rollout_ahead: int = 1  # 1: sample step k+1 while the learner updates on step k (0: on-policy)
     resume: str = "none"  # none | auto | a checkpoint directory
     progress_bar: bool = True  # tqdm progress bar on the console
 
@@ -294,6 +294,15 @@ def validate(cfg: Config) -> None:
     _check(t.steps >= 1, "trainer.steps", "must be >= 1")
     _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     _check(t.rollout_ahead in (0, 1), "trainer.rollout_ahead", "must be 0 or 1")
+    if t.rollout_ahead:  # the sampler's log-probs are pi_old: they must be of the learner's distribution
+        _check(r.temperature == 1.0, "rollout.temperature",
+               f"is {r.temperature:g}; trainer.rollout_ahead=1 needs 1.0 (the sampler's log-probs are "
+               f"the importance ratio's pi_old, and the learner's are at temperature 1): set "
+               f"trainer.rollout_ahead=0 to sample at another temperature")
+        _check(r.top_p == 1.0, "rollout.top_p",
+               f"is {r.top_p:g}; trainer.rollout_ahead=1 needs 1.0 (the sampler's log-probs are the "
+               f"importance ratio's pi_old, of the untruncated distribution): set "
+               f"trainer.rollout_ahead=0 to use nucleus sampling")
     samples = t.prompts_per_step * r.group_size
     _check(samples % (lr.num_ranks * lr.minibatches) == 0, "trainer.prompts_per_step",
            f"prompts_per_step * group_size = {samples} must divide evenly into "

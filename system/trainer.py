@@ -3,10 +3,13 @@
 One step (`train_step`):
 1. take B prompts; rollout workers sample G responses each from pi_old (tagged with its version);
 2. score them (reward pool), build the padded batch;
-3. reference workers return final hidden states (or logits) at the response positions;
+3. reference workers return final hidden states (or logits) at the response positions (launched
+   with step 1: each starts as soon as the sample exists, without a round trip through the driver);
 4. learners compute pi_old / pi_ref log-probs, the driver turns rewards into group advantages
    (KL folded into the reward first in `reward` mode), learners run mu epochs of minibatches;
 5. learner rank 0 broadcasts the new weights; rollout workers load them and the checksums match.
+With trainer.rollout_ahead=1, steps 1 and 3 of step k+1 are launched before step 4 of step k, so
+sampling and the reference forward run during the learners' update (pi_old = the sampler's log-probs).
 Steps, syncs and evaluations go through system/faults.py, which recovers from a rollout/reference
 worker restart (the step is redone) and stops the run clearly on what cannot be survived.
 """
@@ -41,6 +44,9 @@ class Phases:
         start = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+PENDING = "pending_sample.pt"  # a checkpoint's rollout_ahead sample, drawn but not yet learned from
 
 
 def _chunks(items: list, n: int) -> list[list]:
@@ -168,8 +174,8 @@ class Trainer:
         return self.collect(self.launch_generate(prompt_ids, n, **kwargs))[0]
 
     def _sample_step(self, step: int) -> tuple:
-        """Take the prompts of `step` and start sampling them: (rows, pending call, data position
-        before the rows were taken)."""
+        """Take the prompts of `step` and start sampling them and their reference forward: (rows,
+        pending sample, data position before the rows were taken, pending reference rows)."""
         c = self.cfg
         sampler_state = self.sampler.state_dict()
         rows = self.sampler.next(c.trainer.prompts_per_step)
@@ -178,13 +184,25 @@ class Trainer:
         want = c.rollout.return_logprobs or c.trainer.rollout_ahead > 0
         pending = self.launch_generate([r["prompt_ids"] for r in rows], c.rollout.group_size,
                                        seed=c.seed * 7919 + step, want_logprobs=want)
-        return rows, pending, sampler_state
+        return rows, pending, sampler_state, self.launch_reference(rows, pending)
 
-    def reference_rows(self, batch) -> torch.Tensor:
-        parts = _chunks(list(range(batch.size)), len(self.reference))
-        refs = [a.forward.remote(**batch.reference_inputs(torch.tensor(p))) for a, p in
-                zip(self.reference.actors, parts) if p]
-        outs = ray.get(refs)
+    def launch_reference(self, rows: list[dict], pending: tuple[list, int]) -> list:
+        """The reference forward of a sample still being drawn: each reference worker starts on
+        its rows as soon as the rollout workers' outputs exist (with rollout_ahead, during the
+        learners' update of the step before). Returns refs for reference_rows()."""
+        G = self.cfg.rollout.group_size
+        prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
+        parts = _chunks(list(range(len(prompts))), len(self.reference))
+        return [a.forward_sampled.remote(prompts, self.pad_id, p, *pending[0])
+                for a, p in zip(self.reference.actors, parts) if p]
+
+    def reference_rows(self, batch, launched: list | None = None) -> torch.Tensor:
+        """pi_ref's rows for the batch: those launch_reference() started, or computed now."""
+        if launched is None:
+            parts = _chunks(list(range(batch.size)), len(self.reference))
+            launched = [a.forward.remote(**batch.reference_inputs(torch.tensor(p))) for a, p in
+                        zip(self.reference.actors, parts) if p]
+        outs = ray.get(launched)
         self.last_ref_bytes = sum(o["bytes"] for o in outs)
         return torch.cat([o["rows"] for o in outs])
 
@@ -215,7 +233,7 @@ class Trainer:
         c, G = self.cfg, self.cfg.rollout.group_size
         phases, t0 = Phases(), time.perf_counter()
         with phases("generate"):
-            rows, pending, _ = self._pending or self._sample_step(step)
+            rows, pending, _, ref_launched = self._pending or self._sample_step(step)
             responses, sampler_logp = self.collect(pending)
             self._pending = None
             if c.trainer.rollout_ahead and step < c.trainer.steps:
@@ -228,7 +246,7 @@ class Trainer:
         batch = build_batch([r["prompt_ids"] for r in rows for _ in range(G)], responses, self.pad_id,
                             sampler_logp if c.trainer.rollout_ahead else None)
         with phases("reference"):
-            ref_rows = self.reference_rows(batch)
+            ref_rows = self.reference_rows(batch, ref_launched)
         with phases("learn"):
             learn_metrics = self.learn(batch, rewards, ref_rows)
         with phases("sync"):
@@ -315,10 +333,17 @@ class Trainer:
         t0 = time.perf_counter()
         tmp = checkpoint.begin(self.run_dir, step)
         self.learners.call("save_checkpoint", os.path.join(tmp, "learner"))
-        # with a sample in flight, the data position is the one before it was drawn
+        # with a sample in flight, the data position is the one before it was drawn, and the sample
+        # itself is kept (it waits for the sampler here): a resumed run learns from the same
+        # responses, drawn by the same older policy, as the uninterrupted run
         sampler_state = self._pending[2] if self._pending else self.sampler.state_dict()
         state = {"step": step, "version": self.version, "sampler": sampler_state,
                  "start_eval": start_eval, "seed": self.cfg.seed, "faults": self.faults.state_dict()}
+        if self._pending:
+            refs, version = self._pending[1]
+            torch.save({"step": step + 1, "version": version, "outputs": ray.get(refs)},
+                       os.path.join(tmp, PENDING))
+            state["pending_sample"] = PENDING
         path = checkpoint.commit(self.run_dir, tmp, step, state, self.cfg.checkpoint.keep)
         print(f"[checkpoint] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
         return path
@@ -340,9 +365,25 @@ class Trainer:
         self.version = state["version"]
         self.sampler.load_state_dict(state["sampler"])
         self.faults.load_state_dict(state.get("faults", {}))
+        if state.get("pending_sample") and self.cfg.trainer.rollout_ahead:
+            self._restore_pending(os.path.join(path, state["pending_sample"]))
         logger.truncate_after(state["step"])
         print(f"[resume] from {path}: step {state['step']}, policy version {self.version}", flush=True)
         return state["step"], state["start_eval"]
+
+    def _restore_pending(self, path: str) -> None:
+        """The checkpoint's in-flight sample, as if it had just been collected from the workers."""
+        saved = torch.load(path, weights_only=False)
+        n = sum(len(o["responses"]) for o in saved["outputs"])
+        want = self.cfg.trainer.prompts_per_step * self.cfg.rollout.group_size
+        if n != want:
+            print(f"[resume] the checkpoint's in-flight sample has {n} responses, this config wants "
+                  f"{want}: sampling step {saved['step']} again", flush=True)
+            return
+        sampler_state = self.sampler.state_dict()
+        rows = self.sampler.next(self.cfg.trainer.prompts_per_step)
+        refs = [ray.put(o) for o in saved["outputs"]]
+        self._pending = (rows, (refs, saved["version"]), sampler_state, None)
 
     def save_policy(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)

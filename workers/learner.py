@@ -123,13 +123,18 @@ class LearnerWorker:
 
     # ---- one training step --------------------------------------------------------------------
     def prepare(self, shard: dict, ref_rows: torch.Tensor) -> dict:
-        """Keep the shard; compute pi_old and pi_ref log-probs of its sampled tokens."""
+        """Keep the shard; pi_old and pi_ref log-probs of its sampled tokens.
+
+        pi_old is the sampler's own log-probs when the shard carries them (rollout_ahead: sampled by
+        the policy before the last update), and no forward pass is spent on it; otherwise the
+        current policy's, computed here."""
         mask = shard["loss_mask"]
         tokens = shard["input_ids"][:, 1:][mask.bool()]
         module, chunk = self.engine.module, self.cfg["chunk_size"]
+        behavior = "behavior_logp" in shard
         olds = []
         with torch.no_grad(), _gathered([module.head_weight()], self.cfg["zero_stage"]):
-            for mb in self._minibatches(shard):
+            for mb in ([] if behavior else self._minibatches(shard)):
                 h = module.hidden_at(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
                                      mb["loss_mask"].to(self.device))
                 olds.append(logprobs_from_hidden(h, module.head_weight(), mb["tokens"].to(self.device),
@@ -139,12 +144,7 @@ class LearnerWorker:
                 ref_logp = logprobs_from_hidden(ref_rows, module.ref_head, tokens.to(self.device), chunk)
             else:
                 ref_logp = logprobs_from_logits(ref_rows, tokens.to(self.device))
-        old_logp = _dense(torch.cat(olds), mask)  # [B, T]
-        self.behavior_gap = 0.0
-        if "behavior_logp" in shard:  # sampled by an older policy (rollout_ahead): ratio against it
-            behavior = shard["behavior_logp"] * mask
-            self.behavior_gap = float(((old_logp - behavior).abs() * mask).sum() / mask.sum().clamp(min=1))
-            old_logp = behavior
+        old_logp = shard["behavior_logp"] * mask if behavior else _dense(torch.cat(olds), mask)  # [B, T]
         ref_logp = _dense(ref_logp.cpu().float(), mask)  # [B, T]
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
         k1 = ((old_logp - ref_logp) * mask).sum(-1)  # [B]
@@ -173,6 +173,7 @@ class LearnerWorker:
         shard = dict(self.shard, advantages=advantages)
         sums: dict[str, float] = {}
         steps = skipped = 0
+        behavior_gap = 0.0
         for _ in range(c["epochs"]):
             for i, mb in enumerate(self._minibatches(shard)):
                 dev = {k: v.to(self.device) for k, v in mb.items() if torch.is_tensor(v)}
@@ -189,6 +190,10 @@ class LearnerWorker:
                     clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
                     kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
                     normalizer=normalizers[i], max_len=c["max_len"])
+                if steps == 0 and "behavior_logp" in mb:  # before any optimizer step: pi_theta = pi_old
+                    with torch.no_grad():  # how far the sampler's policy was from it, per token
+                        gap = ((logp - dev["behavior_logp"]).abs() * mask).sum() / mask.sum().clamp(min=1)
+                    behavior_gap = float(gap)
                 loss = self._inject_nonfinite(loss, logp_p)
                 skipped += not self._apply(loss)
                 steps += 1
@@ -204,7 +209,7 @@ class LearnerWorker:
         self.version += 1
         out = {k: v / steps for k, v in sums.items()}
         out["tokens"] = int(self.shard["loss_mask"].sum())
-        out["behavior_logp_gap"] = self.behavior_gap
+        out["behavior_logp_gap"] = behavior_gap  # on the first minibatch's tokens
         out["skipped"] = skipped
         return out
 

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from system.data.batch import build_batch
 from workers.common import load_causal_lm, setup_process
 
 
@@ -33,6 +34,15 @@ class ReferenceWorker:
     def pid(self) -> int:
         """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""
         return os.getpid()
+
+    def forward_sampled(self, prompts: list[list[int]], pad_id: int, index: list[int],
+                        *outputs: dict) -> dict:
+        """forward() of rows `index` of the batch that the driver builds from these prompts and the
+        rollout workers' outputs (Ray passes them in when sampling ends, so this runs as soon as the
+        sample exists, without a round trip through the driver)."""
+        responses = [r for out in outputs for r in out["responses"]]
+        batch = build_batch(prompts, responses, pad_id)
+        return self.forward(**batch.reference_inputs(torch.tensor(index)))
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

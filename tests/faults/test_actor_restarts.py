@@ -32,7 +32,8 @@ def test_killed_rollout_and_reference_workers_restart_and_the_run_finishes(fault
 
 def test_past_the_restart_limit_the_run_saves_a_checkpoint_and_stops(faults_run, monkeypatch):
     before_steps(monkeypatch, {2: sigkill("rollout"), 3: ray_kill("reference")})
-    run = faults_run("limit", "trainer.steps=4", "faults.max_actor_restarts=1")
+    # on-policy here (the test above covers rollout_ahead=1): the kill lands before step 2 samples
+    run = faults_run("limit", "trainer.steps=4", "trainer.rollout_ahead=0", "faults.max_actor_restarts=1")
     assert run.rc == 1
     assert run.steps() == [1, 2]
     assert "[faults] rollout worker 0 restarted during step 2" in run.out  # step 2 was redone

@@ -32,6 +32,11 @@ def test_two_step_run_end_to_end(ray_cluster, tmp_path, zero_stage):
             assert key in x and x[key] == x[key], key  # present and not NaN
         assert x["kl_full"] >= 0
     assert x["policy_version"] == 2
+    # rollout_ahead=1 (the default): step 1's sample was drawn by the policy the learners hold, so
+    # the sampler's log-probs (pi_old of the ratio) equal theirs; step 2's was drawn during step
+    # 1's update, by the policy before it
+    gaps = [x["behavior_logp_gap"] for x in train]
+    assert gaps[0] < 1e-4 and gaps[1] > 10 * max(gaps[0], 1e-7), gaps
     assert "greedy_accuracy" in evals[-1]
     assert (run / "config.yaml").exists()
     from transformers import AutoModelForCausalLM

@@ -28,15 +28,36 @@ def _train_records(run_dir):
     return [x for x in lines if x["kind"] == "train"]
 
 
-def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path):
-    straight = _run(tmp_path, "straight", "trainer.steps=4")
-    _run(tmp_path, "resumed", "trainer.steps=2")
-    resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto")
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahead):
+    """A run killed after its step-2 checkpoint and resumed equals the uninterrupted run. With
+    rollout_ahead=1 the checkpoint holds the sample drawn for step 3 by the policy before step 2's
+    update; the resumed run learns from it, as the uninterrupted one does."""
+    from system.trainer import Trainer
+
+    a = f"trainer.rollout_ahead={ahead}"
+    straight = _run(tmp_path, "straight", "trainer.steps=4", a)
+
+    real_save = Trainer.save_checkpoint
+
+    def killed_after_step_2(self, step, start_eval):
+        path = real_save(self, step, start_eval)
+        if step == 2:
+            raise KeyboardInterrupt("killed after the step-2 checkpoint")
+        return path
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path, "resumed", "trainer.steps=4", a)
+    pending = tmp_path / "resumed" / "checkpoints" / "step_000002" / "pending_sample.pt"
+    assert pending.exists() == bool(ahead)
+    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
+    resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", a)
 
     a, b = _train_records(straight), _train_records(resumed)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
-        for key in ("loss", "reward_mean", "kl_full", "clip_frac"):
+        for key in ("loss", "reward_mean", "kl_full", "clip_frac", "behavior_logp_gap"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     assert any(abs(x["loss"]) > 0 for x in a)  # a real update happened
     wa = load_file(straight / "final" / "model.safetensors")

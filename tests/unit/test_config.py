@@ -43,6 +43,17 @@ def test_bad_values_name_the_key(override, key, reason):
     assert key in message and reason in message, message
 
 
+@pytest.mark.parametrize("override, key", [("rollout.temperature=0.7", "rollout.temperature"),
+                                           ("rollout.top_p=0.9", "rollout.top_p")])
+def test_rollout_ahead_needs_the_learners_sampling_distribution(override, key):
+    assert load_config(DEBUG).trainer.rollout_ahead == 1  # on by default
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, [override])
+    assert str(err.value).startswith(key) and "trainer.rollout_ahead=0" in str(err.value)
+    cfg = load_config(DEBUG, [override, "trainer.rollout_ahead=0"])  # on-policy: any sampling
+    assert cfg.trainer.rollout_ahead == 0
+
+
 def test_reversed_clip_bounds_are_rejected():
     with pytest.raises(ConfigError, match="algo.clip"):
         load_config(DEBUG, ["algo.clip_low=0.3", "algo.clip_high=-0.5"])
