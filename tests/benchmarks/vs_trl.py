@@ -25,7 +25,12 @@ Every configuration runs --rounds times, interleaved (all of them, then all agai
 from other processes on a shared machine hits them alike. Time per step is the median over steps
 2..N (the first step holds start-up costs) of a run, and the headline is the best round's; reward
 is the mean training reward of the last --last steps (and of the first ones, for reference).
-Target: this project's time per step <= 0.8 x TRL's, at equal or better reward.
+Reward after N steps: both trained policies (the project's outputs/<run>/final, TRL's saved model)
+are evaluated alike on the task's held-out prompts: mean reward of G samples per prompt at
+temperature 1, and greedy accuracy (heldout_eval). The training reward is shown too, but under
+rollout_ahead it lags one update (step k learns from samples of the policy before update k-1).
+Target: this project's time per step <= 0.8 x TRL's, at equal or better held-out reward (not
+worse by more than two standard errors of the difference).
 
 Needs TRL in the virtualenv (`pip install -e .[bench]`; tested with trl 1.16.0, accelerate 1.15.0,
 datasets 5.2.0 on torch 2.13.0+cpu -- pin torch with a constraints file if pip wants to move it).
@@ -88,7 +93,7 @@ def run_project(steps: int, out_dir: str, extra: list[str]) -> dict:
     train = sorted((r for r in rows if r["kind"] == "train"), key=lambda r: r["step"])
     model = re.search(r"\[debug_model\] (?:cached|ready): (\S+)", proc.stdout)
     return {"command": " ".join(cmd[1:]), "wall_s": wall, "step_s": [r["step_s"] for r in train],
-            "reward": [r["reward_mean"] for r in train],
+            "reward": [r["reward_mean"] for r in train], "final": os.path.join(out_dir, "vs_trl", "final"),
             "model_path": os.path.join(ROOT, model.group(1)) if model else None}
 
 
@@ -158,11 +163,14 @@ def trl_child(args) -> dict:
     trainer = GRPOTrainer(model=model, reward_funcs=exact, args=config, train_dataset=dataset,
                           processing_class=tokenizer, callbacks=[clock])
     trainer.train()
+    final = os.path.join(args.trl_out, "final")
+    trainer.save_model(final)
+    tokenizer.save_pretrained(final)
     import trl
 
     per_batch = k * s["epochs"]  # optimizer steps per generation batch, timed together
     times = [sum(clock.times[i:i + per_batch]) for i in range(0, len(clock.times), per_batch)]
-    return {"step_s": times,
+    return {"step_s": times, "final": final,
             "reward": [clock.rewards[k] for k in sorted(clock.rewards)],
             "versions": {"trl": trl.__version__, "torch": torch.__version__}}
 
@@ -181,6 +189,40 @@ def run_trl(steps: int, threads: int, out_dir: str, model_path: str | None) -> d
     return dict(json.loads(proc.stdout.strip().splitlines()[-1]), wall_s=wall)
 
 
+# ---- the trained policies, evaluated alike ----------------------------------------------------
+
+
+def heldout_eval(model_path: str, samples: int, seed: int) -> dict:
+    """The policy after N steps on the task's held-out prompts, by one evaluator for both trainers:
+    mean reward of `samples` responses per prompt at temperature 1 (what training samples), and
+    greedy accuracy. The training-reward columns lag by one policy update under rollout_ahead
+    (step k's samples come from the policy before update k-1); this does not."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from system.config import load_config
+    from system.data.prompts import load_prompt_sets
+    from system.data.synthetic import exact_reward
+    from workers.common import seed_all
+    from workers.rollout import HFBackend
+
+    cfg = load_config(str(ROOT / "configs" / "debug.yaml"))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    rows = load_prompt_sets(cfg, tokenizer).heldout
+    backend = HFBackend(model_path, "float32", torch.device("cpu"))
+    prompts, answers = [r["prompt_ids"] for r in rows], [r["answer"] for r in rows]
+    out = {"prompts": len(rows), "samples": samples}
+    for name, n, greedy in (("reward", samples, False), ("greedy_accuracy", 1, True)):
+        seed_all(seed)
+        responses, _ = backend.generate(prompts, n, cfg.rollout.temperature, cfg.rollout.top_p,
+                                        cfg.rollout.max_new_tokens, greedy, False)
+        texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
+        scores = [exact_reward(t, a) for t, a in zip(texts, (a for a in answers for _ in range(n)))]
+        out[name] = statistics.fmean(scores)
+        out[name + "_se"] = statistics.stdev(scores) / len(scores) ** 0.5
+    return out
+
+
 # ---- report ---------------------------------------------------------------------------------
 
 
@@ -194,33 +236,41 @@ def summarize(runs: list[dict], last: int) -> dict:
             "mean": statistics.fmean(best["step_s"][1:]), "first": best["step_s"][0],
             "reward_first": statistics.fmean(reward[:last]), "reward_last": statistics.fmean(reward[-last:]),
             "reward_last_se": (statistics.stdev(reward[-last:]) / last**0.5) if last > 1 else 0.0,
-            "same_rewards": all(r["reward"] == reward for r in runs), "wall": best["wall_s"]}
+            "same_rewards": all(r["reward"] == reward for r in runs), "wall": best["wall_s"],
+            "heldout": runs[0]["heldout"]}
 
 
 def report(runs: dict, s: dict, args) -> str:
     """runs: label -> list of runs, one per round; the first label is the debug config as is."""
     last = args.last
     headers = ["trainer", "steps", "median s/step (2..N), best round", "per round",
-               "mean s/step (2..N), best round", "step 1 s", f"reward first {last}",
-               f"reward last {last} (± s.e.)", "wall s (whole subprocess)"]
+               "mean s/step (2..N), best round", "step 1 s", f"train reward first {last}",
+               f"train reward last {last} (± s.e.)", "held-out reward after N steps (± s.e.)",
+               "held-out greedy accuracy", "wall s (whole subprocess)"]
     rows, stats = [], {}
     for label, rs in runs.items():
         d = stats[label] = summarize(rs, last)
         rows.append([label, d["n"], f"{d['median']:.3f}", " / ".join(f"{m:.3f}" for m in d["medians"]),
                      f"{d['mean']:.3f}", f"{d['first']:.2f}", f"{d['reward_first']:.3f}",
                      f"{d['reward_last']:.3f} ± {d['reward_last_se']:.3f}"
-                     + ("" if d["same_rewards"] else " (rounds differ)"), f"{d['wall']:.0f}"])
+                     + ("" if d["same_rewards"] else " (rounds differ)"),
+                     f"{d['heldout']['reward']:.3f} ± {d['heldout']['reward_se']:.3f}",
+                     f"{d['heldout']['greedy_accuracy']:.3f}", f"{d['wall']:.0f}"])
     p = stats[next(iter(runs))]
     best = min((k for k in stats if k.startswith("TRL")), key=lambda k: stats[k]["median"])
     t = stats[best]
     ratio = p["median"] / t["median"]
-    reward_ok = p["reward_last"] >= t["reward_last"]
+    # equal or better: the held-out reward of the policy after N steps, within two standard errors
+    hp, ht = p["heldout"], t["heldout"]
+    margin = 2 * (hp["reward_se"] ** 2 + ht["reward_se"] ** 2) ** 0.5
+    reward_ok = hp["reward"] >= ht["reward"] - margin
     met = ratio <= RATIO_TARGET and reward_ok
     verdict_table = markdown_table(
         ["ratio project/TRL s/step (best-round medians; TRL at its faster thread count)", "target",
-         "reward last: project vs TRL", "status"],
+         "held-out reward after N steps: project vs TRL (2 s.e. of the difference)", "status"],
         [[f"{ratio:.2f}", f"<= {RATIO_TARGET} at equal or better reward",
-          f"{p['reward_last']:.3f} vs {t['reward_last']:.3f} ({'>=' if reward_ok else '<'})", verdict(met)]])
+          f"{hp['reward']:.3f} vs {ht['reward']:.3f} (±{margin:.3f}: "
+          f"{'equal or better' if reward_ok else 'worse'})", verdict(met)]])
     first = next(iter(runs.values()))[0]
     trl_versions = next(r for k, v in runs.items() if k.startswith("TRL") for r in v)["versions"]
     setting = (f"Shared settings (configs/debug.yaml): B={s['B']} prompts x G={s['G']} samples per step, "
@@ -281,9 +331,11 @@ def main() -> int:
                     model_path = model_path or run["model_path"]
                 else:
                     run = run_trl(args.steps, arg, out, model_path)
+                run["heldout"] = heldout_eval(run["final"], s["G"], s["seed"])
                 runs[label].append(run)
                 print(f"[vs_trl] round {rnd + 1} {label}: median {median(run['step_s'][1:]):.3f} s/step, "
-                      f"rewards {[round(r, 3) for r in run['reward']]}", flush=True)
+                      f"rewards {[round(r, 3) for r in run['reward']]}, held-out {run['heldout']}",
+                      flush=True)
     body = report(runs, s, args) + f"\nTotal benchmark time {time.perf_counter() - t0:.0f} s.\n"
     publish('vs_trl', 'this project vs TRL GRPOTrainer, debug model', body, append=not args.no_append)
     return 0
