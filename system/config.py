@@ -93,7 +93,7 @@ class LearnerConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
     epochs: int = 1  # mu: passes over each batch
     minibatches: int = 1  # optimizer steps per epoch
-    chunk_size: int = 1024  # tokens per chunk in the fused log-prob/KL op
+    chunk_size: int = 0  # tokens per chunk in the fused log-prob/KL op; 0: 2^25 // vocab (128 MiB per fp32 buffer)
     num_gpus: float = 0.0  # GPUs per learner rank
     num_cpus: float = 1.0  # CPUs per learner rank
     gradient_checkpointing: bool = False  # recompute activations in backward
@@ -275,7 +275,7 @@ def validate(cfg: Config) -> None:
     _check(lr.lr > 0, "learner.lr", "must be > 0")
     _check(lr.epochs >= 1, "learner.epochs", "must be >= 1")
     _check(lr.minibatches >= 1, "learner.minibatches", "must be >= 1")
-    _check(lr.chunk_size >= 1, "learner.chunk_size", "must be >= 1")
+    _check(lr.chunk_size >= 0, "learner.chunk_size", "must be >= 1, or 0 for auto")
     _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     _check(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas",
            "must be two numbers in [0, 1)")

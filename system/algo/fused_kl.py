@@ -11,8 +11,10 @@ so ``torch.autograd.gradcheck`` works). Low-precision inputs (bf16/fp16) are upc
 per chunk and the output head once per call (a transient V x H fp32 copy). Gradients come back in the
 input dtype; the head's gradient is accumulated in fp32 across chunks.
 
-Chunks span the whole vocabulary (no online softmax over vocabulary blocks yet): for V = 151,936 pick
-chunk_size so that 3 * chunk_size * V * 4 bytes fits (1024 rows: 1.8 GiB).
+Chunks span the whole vocabulary (no online softmax over vocabulary blocks yet), so the rows per
+chunk follow the vocabulary: by default (chunk_size=None) ``auto_chunk_size(V)`` = CHUNK_ELEMENTS // V
+rows, so that one [chunk, V] fp32 buffer is 128 MiB whatever V is (1024 rows at V = 32768, 220 at
+Qwen's V = 151936, where a fixed 1024 rows would hold 1.8 GiB).
 
 These functions are re-exported by ``system.algo.kl``; import them from there.
 """
@@ -21,9 +23,23 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk. Forward holds three [chunk_size, V] fp32 buffers, backward two (V = 32768, 1024 rows:
-# 384 MiB / 256 MiB). Tuned with tests/benchmarks/kl_memory.py.
-DEFAULT_CHUNK_SIZE = 1024
+# Elements per [chunk, V] buffer. Forward holds three such fp32 buffers, backward two (384 MiB /
+# 256 MiB). Tuned with tests/benchmarks/kl_memory.py (1024 rows at V = 32768).
+CHUNK_ELEMENTS = 2**25
+DEFAULT_CHUNK_SIZE = None  # rows per chunk: auto_chunk_size(V)
+
+
+def auto_chunk_size(vocab: int) -> int:
+    """Rows per chunk for a vocabulary of `vocab`: CHUNK_ELEMENTS // vocab, at least 1."""
+    return max(1, CHUNK_ELEMENTS // max(1, vocab))
+
+
+def _rows(chunk_size: int | None, vocab: int) -> int:
+    if chunk_size is None or chunk_size == 0:
+        return auto_chunk_size(vocab)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None/0 for auto), got {chunk_size}")
+    return int(chunk_size)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -170,7 +186,7 @@ def fused_logprob_kl(
     ref_hidden: torch.Tensor,
     ref_weight: torch.Tensor,
     tokens: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
@@ -192,7 +208,7 @@ def fused_logprob_kl(
         ref_weight: [V, H'] frozen reference output head, or None when ``ref_hidden`` already holds
             the reference logits [..., V] (the `logits` transport).
         tokens: [...] int64 sampled token ids, all in [0, V).
-        chunk_size: rows per chunk; memory is O(chunk_size * V).
+        chunk_size: rows per chunk; memory is O(chunk_size * V). None (or 0): auto_chunk_size(V).
         temperature: sampling temperature the rollout used; divides both sides' logits.
         return_entropy: also return the policy entropy per row (free: same pass; detached).
 
@@ -211,8 +227,7 @@ def fused_logprob_kl(
             raise ValueError(f"reference logits {tuple(ref_hidden.shape)} do not match vocabulary {weight.shape[0]}")
     elif weight.shape[0] != ref_weight.shape[0]:
         raise ValueError(f"vocabulary sizes differ: weight {tuple(weight.shape)}, ref_weight {tuple(ref_weight.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = _rows(chunk_size, weight.shape[0])
     logp, kl, entropy = _FusedLogprobKL.apply(
         hidden.reshape(-1, hidden.shape[-1]),
         weight,
@@ -231,7 +246,7 @@ def logprobs_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     tokens: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     *,
     temperature: float = 1.0,
 ) -> torch.Tensor:
@@ -244,7 +259,7 @@ def logprobs_from_hidden(
     h2, tok = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
     n, cdt = h2.shape[0], _compute_dtype(hidden)
     w = weight.detach().to(cdt)
-    c_max = max(1, min(chunk_size, n))
+    c_max = max(1, min(_rows(chunk_size, weight.shape[0]), n))
     z_buf = h2.new_empty(c_max, weight.shape[0], dtype=cdt)
     scratch = torch.empty_like(z_buf)
     out = h2.new_empty(n, dtype=cdt)

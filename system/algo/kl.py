@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-from system.algo.fused_kl import DEFAULT_CHUNK_SIZE, fused_logprob_kl, logprobs_from_hidden
+from system.algo.fused_kl import (DEFAULT_CHUNK_SIZE, auto_chunk_size, fused_logprob_kl,
+                                  logprobs_from_hidden)
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "auto_chunk_size",
     "ESTIMATORS",
     "KL_MODES",
     "KLMode",

@@ -13,9 +13,15 @@ minimum is shown too: on a shared machine it is the less noisy figure). The pare
 table, the ratios naive/fused memory and fused/naive time, a cross-check of the two results, and
 appends the table to docs/benchmarks.md with the command, machine and date.
 
-Run (from the repository root):
-    python tests/benchmarks/kl_memory.py                               # N=8192 V=32768 H=256 fp32 cpu
-    python tests/benchmarks/kl_memory.py --v 151936 --h 3584 --dtype bfloat16 --device cuda
+By default two shapes run, one after the other: N=8192 V=32768 H=256, and Qwen's vocabulary
+V=151936 at N=2048 (H=256), a length at which the naive version still fits in this machine's memory
+(~8 GiB). The fused op's rows per chunk are its default, auto_chunk_size(V) (1024 and 220 rows);
+--chunk-size sets them. The targets (memory naive/fused >= 8, time fused/naive <= 1.3) must hold
+at every shape.
+
+Run (from the repository root, about 3 minutes on 2 CPU cores):
+    python tests/benchmarks/kl_memory.py                                 # both shapes, fp32, cpu
+    python tests/benchmarks/kl_memory.py --shape 4096,151936,3584 --dtype bfloat16 --device cuda
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from system.algo.kl import DEFAULT_CHUNK_SIZE, fused_logprob_kl  # noqa: E402
+from system.algo.kl import auto_chunk_size, fused_logprob_kl  # noqa: E402
 
 
 # ------------------------------------------------------------------ child: one implementation
@@ -99,7 +105,8 @@ def child(args) -> dict:
     def step():
         hidden.grad = weight.grad = None
         if args.child == "fused":
-            logp, kl = fused_logprob_kl(hidden, weight, ref_hidden, ref_weight, tokens, chunk_size=args.chunk_size)
+            logp, kl = fused_logprob_kl(hidden, weight, ref_hidden, ref_weight, tokens,
+                                        chunk_size=args.chunk_size or None)
         else:
             logp, kl = naive_logprob_kl(hidden, weight, ref_hidden, ref_weight, tokens)
         (a * logp + b * kl).sum().backward()
@@ -157,9 +164,10 @@ def run_child(impl: str, argv: list[str]) -> dict:
 def report(args, results: dict) -> str:
     naive, fused = results["naive"], results["fused"]
     mib = 2**20
+    chunk = args.chunk_size or f"auto ({auto_chunk_size(args.v)} rows)"
     lines = [
         f"N={args.n} V={args.v} H={args.h} dtype={args.dtype} device={args.device} "
-        f"chunk_size={args.chunk_size} reps={args.reps} (median after 1 warm-up)",
+        f"chunk_size={chunk} reps={args.reps} (median after 1 warm-up)",
         "",
         "| impl  | peak extra memory (MiB) | fwd+bwd median (s) | fwd+bwd min (s) |",
         "|-------|------------------------:|-------------------:|----------------:|",
@@ -180,17 +188,20 @@ def report(args, results: dict) -> str:
         k: abs(fused["check"][k] - naive["check"][k]) / max(abs(naive["check"][k]), 1e-30) for k in naive["check"]
     }
     lines.append("cross-check fused vs naive (relative diff): " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
-    return "\n".join(lines)
+    return "\n".join(lines), mem_ratio >= 8 and time_ratio <= 1.3
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description="fused vs naive full-vocabulary KL: peak memory and time")
-    ap.add_argument("--n", type=int, default=8192, help="tokens")
-    ap.add_argument("--v", type=int, default=32768, help="vocabulary size")
-    ap.add_argument("--h", type=int, default=256, help="hidden size")
+    ap.add_argument("--shape", action="append", default=[],
+                    help="N,V,H (tokens, vocabulary, hidden); repeatable; default: 8192,32768,256 and "
+                         "2048,151936,256")
+    ap.add_argument("--n", type=int, help=argparse.SUPPRESS)  # one shape, for the child
+    ap.add_argument("--v", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--h", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    ap.add_argument("--chunk-size", type=int, default=0, help="rows per chunk (0: auto_chunk_size(V))")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions after one warm-up")
     ap.add_argument("--only", choices=["naive", "fused"], help="run one implementation (no ratios, no append)")
     ap.add_argument("--no-append", action="store_true", help="do not append to docs/benchmarks.md")
@@ -201,15 +212,25 @@ def main() -> int:
         print(json.dumps(child(args)))
         return 0
 
-    argv = [f"--n={args.n}", f"--v={args.v}", f"--h={args.h}", f"--dtype={args.dtype}",
-            f"--device={args.device}", f"--chunk-size={args.chunk_size}", f"--reps={args.reps}"]  # fmt: skip
+    shapes = [tuple(int(x) for x in sh.split(",")) for sh in
+              (args.shape or ["8192,32768,256", "2048,151936,256"])]
+    tables, all_met = [], True
+    for args.n, args.v, args.h in shapes:
+        argv = [f"--n={args.n}", f"--v={args.v}", f"--h={args.h}", f"--dtype={args.dtype}",
+                f"--device={args.device}", f"--chunk-size={args.chunk_size}", f"--reps={args.reps}"]  # fmt: skip
+        if args.only:
+            r = run_child(args.only, argv)
+            print(f"{r['impl']}: peak extra {r['peak_bytes'] / 2**20:.1f} MiB, median {r['time_s']:.3f} s, {r['times_s']}")
+            continue
+        results = {impl: run_child(impl, argv) for impl in ("naive", "fused")}
+        table, met = report(args, results)
+        print(table, flush=True)
+        tables.append(table)
+        all_met = all_met and met
     if args.only:
-        r = run_child(args.only, argv)
-        print(f"{r['impl']}: peak extra {r['peak_bytes'] / 2**20:.1f} MiB, median {r['time_s']:.3f} s, {r['times_s']}")
         return 0
-    results = {impl: run_child(impl, argv) for impl in ("naive", "fused")}
-    table = report(args, results)
-    print(table)
+    body = "\n\n".join(tables) + f"\n\nTargets met at every shape: {'yes' if all_met else 'NO'}"
+    print(body.rsplit("\n", 1)[-1])
     if not args.no_append:
         out = ROOT / "docs" / "benchmarks.md"
         out.parent.mkdir(exist_ok=True)
@@ -220,7 +241,7 @@ def main() -> int:
             f.write(
                 f"\n## kl_memory: fused vs naive full-vocabulary KL ({datetime.date.today().isoformat()})\n\n"
                 f"Command: `{' '.join(['python tests/benchmarks/kl_memory.py', *sys.argv[1:]])}`\n\n"
-                f"Machine: {machine_description(args.device)}\n\n{table}\n"
+                f"Machine: {machine_description(args.device)}\n\n{body}\n"
             )
         print(f"appended to {out}")
     return 0

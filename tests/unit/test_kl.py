@@ -9,6 +9,7 @@ import torch
 from system.algo.kl import (
     ESTIMATORS,
     KL_MODES,
+    auto_chunk_size,
     fused_logprob_kl,
     full_kl_from_logits,
     get_kl_mode,
@@ -105,6 +106,24 @@ def test_fused_matches_materialised(chunk_size, dtype, tied):
     torch.testing.assert_close(logp.double(), naive_logp(z, tokens), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent.double(), naive_entropy(z), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kl, full_kl_from_logits(hidden.float() @ weight.float().T, zr.float()), rtol=1e-4, atol=1e-5)
+
+
+def test_auto_chunk_size_keeps_one_buffer_at_2_to_the_25_elements(monkeypatch):
+    assert auto_chunk_size(32768) == 1024  # the size the benchmark tuned
+    assert auto_chunk_size(151936) == 220  # Qwen's vocabulary: 220 x 151936 <= 2**25
+    assert auto_chunk_size(2**26) == 1  # never zero rows
+    from system.algo import fused_kl
+
+    monkeypatch.setattr(fused_kl, "CHUNK_ELEMENTS", 96 * 5)  # V = 96 -> 5 rows per chunk here
+    hidden, weight, ref_hidden, ref_weight, tokens = make_inputs()
+    auto = fused_logprob_kl(hidden, weight, ref_hidden, ref_weight, tokens)  # chunk_size=None
+    fixed = fused_logprob_kl(hidden, weight, ref_hidden, ref_weight, tokens, chunk_size=5)
+    for a, b in zip(auto, fixed):
+        assert torch.equal(a, b)
+    assert torch.equal(logprobs_from_hidden(hidden, weight, tokens),
+                       logprobs_from_hidden(hidden, weight, tokens, chunk_size=5))
+    with pytest.raises(ValueError, match="chunk_size"):
+        fused_logprob_kl(hidden, weight, ref_hidden, ref_weight, tokens, chunk_size=-1)
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
