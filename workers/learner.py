@@ -131,20 +131,21 @@ class LearnerWorker:
         mask = shard["loss_mask"]
         tokens = shard["input_ids"][:, 1:][mask.bool()]
         module, chunk = self.engine.module, self.cfg["chunk_size"]
-        behavior = "behavior_logp" in shard
-        olds = []
+        old_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
         with torch.no_grad(), _gathered([module.head_weight()], self.cfg["zero_stage"]):
-            for mb in ([] if behavior else self._minibatches(shard)):
-                h = module.hidden_at(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
-                                     mb["loss_mask"].to(self.device))
-                olds.append(logprobs_from_hidden(h, module.head_weight(), mb["tokens"].to(self.device),
-                                                 chunk).cpu())
+            if old_logp is None:
+                olds = []
+                for mb in self._minibatches(shard):
+                    h = module.hidden_at(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
+                                         mb["loss_mask"].to(self.device))
+                    olds.append(logprobs_from_hidden(h, module.head_weight(), mb["tokens"].to(self.device),
+                                                     chunk).cpu())
+                old_logp = _dense(torch.cat(olds), mask)
             ref_rows = ref_rows.to(self.device)
             if self.cfg["ref_transport"] == "hidden":
                 ref_logp = logprobs_from_hidden(ref_rows, module.ref_head, tokens.to(self.device), chunk)
             else:
                 ref_logp = logprobs_from_logits(ref_rows, tokens.to(self.device))
-        old_logp = shard["behavior_logp"] * mask if behavior else _dense(torch.cat(olds), mask)  # [B, T]
         ref_logp = _dense(ref_logp.cpu().float(), mask)  # [B, T]
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
         k1 = ((old_logp - ref_logp) * mask).sum(-1)  # [B]

@@ -20,8 +20,11 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import json
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,3 +110,21 @@ def publish(name: str, title: str, body: str, append: bool = True) -> None:
     print(body)
     if append:
         print(f"appended to {append_report(name, title, body)}")
+
+
+def run_debug_training(out_dir: str, run_name: str, overrides: list[str]) -> dict:
+    """`python -m system.train --config configs/debug.yaml` with eval off and these overrides, as a
+    subprocess from the repository root: its command, wall seconds, stdout and train records."""
+    cmd = [sys.executable, "-m", "system.train", "--config", "configs/debug.yaml", "eval.size=0",
+           "trainer.progress_bar=false", f"output_dir={out_dir}", f"run_name={run_name}",
+           "ray.address=local", *overrides]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed (rc={proc.returncode}): {' '.join(cmd)}\n"
+                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    with open(os.path.join(out_dir, run_name, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
+    return {"command": " ".join(cmd[1:]), "wall_s": wall, "stdout": proc.stdout, "train": train}

@@ -22,35 +22,22 @@ Run from the repository root (about 3-5 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
-from _common import ROOT, markdown_table, median, verdict, publish
+from _common import ROOT, markdown_table, median, verdict, publish, run_debug_training
 
 TARGET = 1.3
 PHASES = ("time_generate", "time_reward", "time_reference", "time_learn", "time_sync", "step_s")
 
 
 def run(ahead: int, steps: int, out_dir: str, name: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "system.train", "--config", "configs/debug.yaml",
-           f"trainer.steps={steps}", "eval.size=0", f"trainer.rollout_ahead={ahead}",
-           "trainer.progress_bar=false", f"output_dir={out_dir}", f"run_name={name}",
-           "ray.address=local", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"run failed (rc={proc.returncode}): {' '.join(cmd)}\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    r = run_debug_training(out_dir, name, [f"trainer.steps={steps}", f"trainer.rollout_ahead={ahead}",
+                                           *extra])
     with open(os.path.join(out_dir, name, "config.yaml")) as f:
         resolved = f.read()
-    records = [json.loads(line) for line in open(os.path.join(out_dir, name, "metrics.jsonl"))]
-    train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
-    return {"ahead": ahead, "command": " ".join(cmd[1:]), "wall_s": wall, "train": train,
+    return {"ahead": ahead, "command": r["command"], "wall_s": r["wall_s"], "train": r["train"],
             "resolved_ahead": f"rollout_ahead: {ahead}" in resolved}
 
 

@@ -51,7 +51,7 @@ import sys
 import tempfile
 import time
 
-from _common import ROOT, markdown_table, median, verdict, publish
+from _common import ROOT, markdown_table, median, verdict, publish, run_debug_training
 
 RATIO_TARGET = 0.8
 
@@ -80,20 +80,10 @@ def debug_settings() -> dict:
 
 
 def run_project(steps: int, out_dir: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "system.train", "--config", "configs/debug.yaml",
-           f"trainer.steps={steps}", "eval.size=0", "trainer.progress_bar=false",
-           f"output_dir={out_dir}", "run_name=vs_trl", "ray.address=local", *extra]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"project run failed (rc={proc.returncode}): {' '.join(cmd)}\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in open(os.path.join(out_dir, "vs_trl", "metrics.jsonl"))]
-    train = sorted((r for r in rows if r["kind"] == "train"), key=lambda r: r["step"])
-    model = re.search(r"\[debug_model\] (?:cached|ready): (\S+)", proc.stdout)
-    return {"command": " ".join(cmd[1:]), "wall_s": wall, "step_s": [r["step_s"] for r in train],
-            "reward": [r["reward_mean"] for r in train], "final": os.path.join(out_dir, "vs_trl", "final"),
+    r = run_debug_training(out_dir, "vs_trl", [f"trainer.steps={steps}", *extra])
+    model = re.search(r"\[debug_model\] (?:cached|ready): (\S+)", r["stdout"])
+    return {"command": r["command"], "wall_s": r["wall_s"], "step_s": [x["step_s"] for x in r["train"]],
+            "reward": [x["reward_mean"] for x in r["train"]], "final": os.path.join(out_dir, "vs_trl", "final"),
             "model_path": os.path.join(ROOT, model.group(1)) if model else None}
 
 
