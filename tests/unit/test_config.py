@@ -54,6 +54,20 @@ def test_rollout_ahead_needs_the_learners_sampling_distribution(override, key):
     assert cfg.trainer.rollout_ahead == 0
 
 
+@pytest.mark.parametrize("overrides, key, reason", [
+    (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb", "on CPU (rollout.num_gpus=0) needs the KV-cache size"),
+    (["rollout.enforce_eager=false"], "rollout.enforce_eager", "runs eager"),
+    (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size", "1 GPU per engine"),
+    (["rollout.kv_cache_gb=-1"], "rollout.kv_cache_gb", ">= 0"),
+    (["rollout.num_gpus=1", "rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization", "(0, 1]"),
+])
+def test_vllm_engine_settings_are_checked(overrides, key, reason):
+    load_config(DEBUG, ["rollout.backend=vllm"])  # the debug config runs vLLM on CPU as it is
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, ["rollout.backend=vllm", *overrides])
+    assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
+
+
 def test_reversed_clip_bounds_are_rejected():
     with pytest.raises(ConfigError, match="algo.clip"):
         load_config(DEBUG, ["algo.clip_low=0.3", "algo.clip_high=-0.5"])
