@@ -14,7 +14,7 @@ def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         reason = "needs a CUDA GPU (torch.cuda.is_available() is False)"
     elif importlib.util.find_spec("vllm") is None:
-        reason = "needs vllm (pip install -e '.[gpu]')"
+        reason = "needs vllm's GPU build (pip install -e '.[gpu]')"
     for item in items:
         if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.gpu)

@@ -1,6 +1,7 @@
-"""The GPU path: vLLM rollouts, NCCL weight sync from a DeepSpeed learner into vLLM, a short run.
+"""What only a GPU has: vLLM's GPU engine (CUDA memory, CUDA graphs), NCCL weight sync from a
+DeepSpeed learner into it, a short run. The same paths on CPU (gloo) are tests/vllm.
 
-Run on a machine with a CUDA GPU and the `gpu` extra: `pytest tests/gpu -q`.
+Run on a machine with a CUDA GPU and the `gpu` extra (vllm==0.32.0): `pytest tests/gpu -q`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import json
 import pytest
 
 from tests.integration.conftest import TEST_OVERRIDES
+from tests.vllm.conftest import learner_greedy
 
 GPU_OVERRIDES = ["rollout.backend=vllm", "rollout.num_gpus=0.3", "rollout.gpu_memory_utilization=0.2",
                  "learner.num_gpus=0.3", "learner.num_ranks=1", "reference.num_gpus=0.1",
@@ -30,8 +32,6 @@ def test_vllm_rollout_samples_groups_from_debug_model(tmp_path):
 
 
 def test_sync_into_vllm_gives_learner_greedy_output(ray_cluster, tmp_path):
-    import ray
-
     from tests.integration.conftest import build_trainer, stop_trainer
 
     trainer = build_trainer(tmp_path, GPU_OVERRIDES + ["learner.lr=1e-2"])
@@ -45,8 +45,7 @@ def test_sync_into_vllm_gives_learner_greedy_output(ray_cluster, tmp_path):
         trainer.version += 1
         trainer.sync_weights()  # raises on a checksum mismatch
         vllm_greedy = trainer.generate(batch_prompts, 1, seed=0, greedy=True, max_new_tokens=6)
-        weights = ray.get(trainer.learners.actors[0].weights.remote())
-        assert vllm_greedy == _hf_greedy(trainer.model_path, weights, batch_prompts, 6)
+        assert vllm_greedy == learner_greedy(trainer, batch_prompts, 6, device="cuda")
     finally:
         stop_trainer(trainer)
 
@@ -59,18 +58,6 @@ def test_three_step_run_with_vllm_backend(ray_cluster, tmp_path):
     assert rc == 0
     lines = [json.loads(x) for x in (tmp_path / "gpu" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines if x["kind"] == "train"] == [1, 2, 3]
-
-
-def _hf_greedy(model_path, weights, prompts, max_new_tokens):
-    """Greedy responses of the learner's weights, generated with Hugging Face on the GPU."""
-    import torch
-
-    from workers.rollout import HFBackend
-
-    backend = HFBackend(model_path, "float32", torch.device("cuda"))
-    backend.load_weights(weights.items())
-    responses, _ = backend.generate(prompts, 1, 1.0, 1.0, max_new_tokens, True, False)
-    return responses
 
 
 @pytest.fixture(scope="session")
