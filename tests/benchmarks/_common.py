@@ -128,3 +128,19 @@ def run_debug_training(out_dir: str, run_name: str, overrides: list[str]) -> dic
         records = [json.loads(line) for line in f]
     train = sorted((r for r in records if r["kind"] == "train"), key=lambda r: r["step"])
     return {"command": " ".join(cmd[1:]), "wall_s": wall, "stdout": proc.stdout, "train": train}
+
+
+def save_qwen_shape(out_dir: str, dtype: str, layers: int = 24) -> None:
+    """A randomly initialised model of Qwen2.5-0.5B's shapes (H 896, intermediate 4864, 14 heads,
+    2 kv heads, V 151936, tied embeddings; 24 layers in the real one) saved to out_dir."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=layers, num_attention_heads=14, num_key_value_heads=2,
+                         head_dim=64, max_position_embeddings=32768, tie_word_embeddings=True,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, dtype=dtype)
+    config.architectures = ["Qwen2ForCausalLM"]
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
+    model.save_pretrained(out_dir)

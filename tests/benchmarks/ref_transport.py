@@ -32,7 +32,7 @@ import os
 import tempfile
 import time
 
-from _common import ROOT, markdown_table, median, verdict, publish
+from _common import ROOT, markdown_table, median, verdict, publish, save_qwen_shape
 
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -58,17 +58,7 @@ def build_debug(out_dir: str) -> dict:
 
 
 def build_qwen_shape(out_dir: str, dtype: str, batch: int, response: int, prompt: int) -> dict:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=2, num_attention_heads=14, num_key_value_heads=2,
-                         head_dim=64, max_position_embeddings=32768, tie_word_embeddings=True,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, dtype=dtype)
-    config.architectures = ["Qwen2ForCausalLM"]
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).to(getattr(torch, dtype))
-    model.save_pretrained(out_dir)
-    del model
+    save_qwen_shape(out_dir, dtype, layers=2)
     return {"path": out_dir, "H": 896, "V": 151936, "dtype": dtype, "batch": batch,
             "prompt": prompt, "response": response}
 
