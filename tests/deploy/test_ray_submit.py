@@ -163,8 +163,8 @@ def test_image_ray_version_matches_the_manifests():
 def test_image_torch_matches_the_gpu_extra_pin():
     """vllm pins torch exactly; the image installs that torch before the project."""
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert '"vllm==0.25.1"' in pyproject, "gpu extra changed: re-check the torch pin vllm needs"
-    assert _dockerfile_arg("TORCH_VERSION") == "2.11.0"
+    assert '"vllm==0.32.0"' in pyproject, "gpu extra changed: re-check the torch pin vllm needs"
+    assert _dockerfile_arg("TORCH_VERSION") == "2.13.0"
 
 
 def test_dockerfile_copies_only_files_that_exist():
