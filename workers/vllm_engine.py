@@ -19,6 +19,10 @@ Steps of one weight sync (`VLLMBackend.receive_weights`, one RPC):
    CPU backend no longer keeps them readable); for the other parameters (norms), after the reload.
    Sum and sum of squares do not depend on layout, so this equals the learner's checksum exactly
    when every tensor arrived and loaded; a layer that loaded nothing, or a wrong value, differs.
+   A layer tied to a reloaded one (an output head tied to the embedding) loads nothing itself:
+   its kernel is rebuilt from the shared, reloaded parameter. Kernels derived from the values are
+   beyond a checksum's reach; tests/vllm checks that the engine then generates what the sent
+   weights generate.
 
 Log-probs come from vLLM's `processed_logprobs` mode: of the distribution actually sampled from
 (after temperature and top-p), which is what the learner's pi_old must be.
@@ -62,26 +66,30 @@ class _Digest:
 @contextlib.contextmanager
 def _checksum_before_processing(model: torch.nn.Module, digest: _Digest):
     """While active, every layer's post-load processing first adds the checksum of the layer's
-    own parameters (as vLLM's weight loaders wrote them) to `digest`. Yields the set of layers
-    covered this way; their parameters after processing are not read again."""
-    covered, patched = set(), []
+    own parameters (as vLLM's weight loaders wrote them) to `digest`. Yields (covered, processed):
+    the layers with post-load processing (their parameters are not read again afterwards) and
+    those whose processing ran."""
+    covered, processed, patched = set(), set(), {}
     for module in model.modules():
         method = getattr(module, "quant_method", None)
-        if method is None or not hasattr(method, "process_weights_after_loading") or id(method) in patched:
+        if method is None or not hasattr(method, "process_weights_after_loading"):
+            continue
+        covered.add(module)
+        if id(method) in patched:  # one method object serving several layers: wrap it once
             continue
         original = method.process_weights_after_loading
 
         def process(layer, _original=original):
             digest.add(layer.named_parameters(recurse=False))
+            processed.add(layer)
             return _original(layer)
 
         method.process_weights_after_loading = process  # an instance attribute shadows the method
-        patched.append((id(method), method))
-        covered.add(module)
+        patched[id(method)] = method
     try:
-        yield covered
+        yield covered, processed
     finally:
-        for _, method in patched:
+        for method in patched.values():
             del method.process_weights_after_loading
 
 
@@ -109,13 +117,25 @@ class SyncExtension:
 
         received = self._sync.receive(buckets, into=fresh)
         digest = _Digest()
-        with _checksum_before_processing(model, digest) as covered:
+        with _checksum_before_processing(model, digest) as (covered, processed):
             self.reload_weights(weights_iterator=off_by_one(received) if corrupt else received,
                                 is_checkpoint_format=True)
-        for module in model.modules():
-            if module not in covered:
-                digest.add(module.named_parameters(recurse=False))
+        _rebuild_tied(covered - processed, processed)
+        # the rest, once each (a head tied to the embedding is the embedding's parameter)
+        done = {id(p) for m in covered for p in m.parameters(recurse=False)}
+        digest.add((n, p) for n, p in model.named_parameters() if id(p) not in done)
         return digest.value
+
+
+def _rebuild_tied(skipped: set, processed: set) -> None:
+    """A layer whose parameters are another's (an output head tied to the embedding) loads
+    nothing in a reload, so its post-load processing does not run; but on CPU that processing
+    built a kernel from the old values (a packed copy of the weight). Run it again."""
+    reloaded = {id(p) for m in processed for p in m.parameters(recurse=False)}
+    for layer in skipped:
+        params = list(layer.parameters(recurse=False))
+        if params and all(id(p) in reloaded for p in params):
+            layer.quant_method.process_weights_after_loading(layer)
 
 
 class VLLMBackend:
