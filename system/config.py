@@ -60,7 +60,7 @@ class RewardConfig:
 
 @dataclass
 class RolloutConfig:
-    backend: str = "hf"  # hf (Hugging Face generate) | vllm
+    backend: str = "hf"  # hf (Hugging Face generate) | vllm (on GPU; with num_gpus=0, its CPU build)
     num_workers: int = 1  # rollout actors
     group_size: int = 8  # G: responses sampled per prompt
     temperature: float = 1.0  # sampling temperature

@@ -1,6 +1,7 @@
 """The vLLM engine (CPU build, in this process) receiving a broadcast from a sender thread over
-gloo: after the sync it generates what the sent weights generate, and its checksum equals the
-sender's, with an untied and with a tied output head (Qwen2.5-0.5B ties it)."""
+gloo: after the sync it generates what the sent weights generate, its log-probs are those of the
+sent weights' tempered distribution, and its checksum equals the sender's; with an untied and
+with a tied output head (Qwen2.5-0.5B ties it)."""
 
 from __future__ import annotations
 
@@ -77,5 +78,25 @@ def test_engine_loads_a_broadcast_and_checksums_what_it_holds(tmp_path, tied):
     assert expected != before, "the two random models answer alike: nothing was tested"
     assert engine.generate(prompts, 1, 1.0, 1.0, 8, True, False)[0] == expected
 
+    # the sampler's log-probs are of the distribution it sampled from: log softmax(logits / T)
+    responses, logprobs = engine.generate(prompts, 4, 0.7, 1.0, 8, False, True)
+    assert max(abs(a - b) for a, b in zip(_flat(logprobs), _flat(_logprobs(new, prompts, responses, 4, 0.7)))) < 1e-4
+
     sent, loaded = _broadcast(engine, new, corrupt=True)  # one value loads off by +1
     assert loaded[0] == pytest.approx(sent[0] + 1.0, abs=1e-4)
+
+
+def _flat(rows: list[list[float]]) -> list[float]:
+    return [x for row in rows for x in row]
+
+
+@torch.no_grad()
+def _logprobs(model, prompts, responses, n: int, temperature: float) -> list[list[float]]:
+    """log softmax(logits / T) of each response token under `model`, one sequence at a time."""
+    out = []
+    for i, response in enumerate(responses):
+        ids = torch.tensor([prompts[i // n] + response])
+        logits = model(ids).logits[0, len(prompts[i // n]) - 1:-1]  # [R, V]: predicts the response
+        lp = torch.log_softmax(logits.double() / temperature, dim=-1)
+        out.append(lp.gather(-1, torch.tensor(response)[:, None]).squeeze(-1).tolist())
+    return out
