@@ -27,10 +27,12 @@ import torch
 from system import checkpoint
 from system.actor_group import ActorGroup
 from system.algo.advantages import group_advantages
-from system.algo.kl import get_kl_mode
+from system.algo.kl import get_kl_mode, kl_in_reward
+from system.config import ConfigError
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.prompts import PromptSampler, PromptSets
 from system.faults import ChecksumMismatch, FaultHandler
+from system.metrics import reduce_learner_steps
 
 
 class Phases:

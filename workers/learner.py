@@ -31,7 +31,8 @@ from torch import nn
 from system.algo.kl import get_kl_mode, loss_kl, logprobs_from_logits, sampled_kl
 from system.algo.fused_kl import fused_logprob_kl, logprobs_from_hidden
 from system.algo.losses import grpo_loss
-from workers.common import load_causal_lm, setup_process
+from system.config import ConfigError
+from workers.common import load_causal_lm, output_head_problem, setup_process
 from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, plan_buckets
 
 
@@ -95,6 +96,9 @@ class LearnerWorker:
     def build(self) -> dict:
         c = self.cfg
         policy = load_causal_lm(self.model_path, c["dtype"], self.device)
+        problem = output_head_problem(policy)
+        if problem:
+            raise ConfigError(f"model.path: {problem}")
         if c.get("gradient_checkpointing"):
             policy.gradient_checkpointing_enable()
         ref_head = None
