@@ -251,9 +251,10 @@ class LearnerWorker:
             stats = {**metrics, "kl_full": (full_kl * mask).sum() / n_tok,
                      "kl_k3": (k3 * mask).sum() / n_tok,
                      "entropy": _dense(ent_p.detach(), mask).sum() / n_tok}
-            if first and "behavior_logp" in mb:  # before any optimizer step: pi_theta = pi_old, so
-                # this is how far the sampler's policy was from it, per token
-                stats["behavior_logp_gap"] = ((logp - dev["behavior_logp"]).abs() * mask).sum() / n_tok
+            if first:  # before any optimizer step pi_theta = pi_old, so this is how far the
+                # sampler's policy was from it, per token (0 when pi_old is computed here)
+                gap = (logp - dev["behavior_logp"]).abs() if "behavior_logp" in mb else torch.zeros_like(logp)
+                stats["behavior_logp_gap"] = (gap * mask).sum() / n_tok
         return loss, logp_p, {k: float(v) for k, v in stats.items()}
 
     def _inject_nonfinite(self, loss: torch.Tensor, logp_p: torch.Tensor) -> torch.Tensor:
