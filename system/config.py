@@ -89,8 +89,9 @@ class ReferenceConfig:
 class LearnerConfig:
     num_ranks: int = 2  # data-parallel DeepSpeed ranks
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    lr: float = 1e-4  # AdamW learning rate
-    weight_decay: float = 0.0  # AdamW weight decay
+    optimizer: str = "adamw"  # adamw | sgd (plain SGD: the update is -lr * gradient, for tests)
+    lr: float = 1e-4  # learning rate
+    weight_decay: float = 0.0  # weight decay
     betas: list = field(default_factory=lambda: [0.9, 0.99])  # AdamW betas
     grad_clip: float = 1.0  # gradient norm clip (0 disables)
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimizer steps
@@ -273,6 +274,7 @@ def validate(cfg: Config) -> None:
     lr = cfg.learner
     _check(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
     _check(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "must be 0, 1, 2 or 3")
+    _check(lr.optimizer in ("adamw", "sgd"), "learner.optimizer", "must be adamw or sgd")
     _check(lr.lr > 0, "learner.lr", "must be > 0")
     _check(lr.epochs >= 1, "learner.epochs", "must be >= 1")
     _check(lr.minibatches >= 1, "learner.minibatches", "must be >= 1")
@@ -295,11 +297,9 @@ def validate(cfg: Config) -> None:
     _check(t.steps >= 1, "trainer.steps", "must be >= 1")
     _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
     _check(t.rollout_ahead in (0, 1), "trainer.rollout_ahead", "must be 0 or 1")
-    if t.rollout_ahead:  # the sampler's log-probs are pi_old: they must be of the learner's distribution
-        _check(r.temperature == 1.0, "rollout.temperature",
-               f"is {r.temperature:g}; trainer.rollout_ahead=1 needs 1.0 (the sampler's log-probs are "
-               f"the importance ratio's pi_old, and the learner's are at temperature 1): set "
-               f"trainer.rollout_ahead=0 to sample at another temperature")
+    # the sampler's log-probs are pi_old: they must be of the learner's distribution, which is the
+    # tempered one (any rollout.temperature) but never truncated
+    if t.rollout_ahead:
         _check(r.top_p == 1.0, "rollout.top_p",
                f"is {r.top_p:g}; trainer.rollout_ahead=1 needs 1.0 (the sampler's log-probs are the "
                f"importance ratio's pi_old, of the untruncated distribution): set "

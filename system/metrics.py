@@ -69,6 +69,50 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+# How each learner statistic combines over the ranks of one optimizer step, and then over the steps
+# of an update, so that what is logged is the same whatever the number of ranks:
+#   share       each rank's share of the minibatch loss (the whole minibatch's normalizer): summed
+#               over ranks, averaged over steps
+#   token_mean  a mean over the rank's tokens: weighted by those tokens over ranks and steps (a mean
+#               over every token of the update; behavior_logp_gap: of the first minibatch)
+#   min, max    extremes over ranks and steps (ratio_min / ratio_max of the whole update)
+#   global      already the whole minibatch's (the gradient norm after the ranks' reduction):
+#               averaged over steps
+LEARNER_REDUCTIONS = {
+    "loss": "share", "pg_loss": "share",
+    "kl": "token_mean", "kl_full": "token_mean", "kl_k3": "token_mean", "entropy": "token_mean",
+    "clip_frac": "token_mean", "dual_clip_frac": "token_mean", "ratio_mean": "token_mean",
+    "behavior_logp_gap": "token_mean",
+    "ratio_min": "min", "ratio_max": "max",
+    "grad_norm": "global",
+    "tokens": "weight",  # the token_mean weights; not logged
+}
+
+
+def reduce_learner_steps(per_rank: list[list[dict]]) -> dict[str, float]:
+    """One update's metrics from each rank's per-step statistics (per_rank[r][s] is a dict of
+    floats, with `tokens`), combined as LEARNER_REDUCTIONS says; an unlisted key is an error."""
+    steps = list(zip(*per_rank))  # steps[s] = the ranks' records of step s
+    records = [r for step in steps for r in step]
+    out = {}
+    for key in {k for r in records for k in r}:
+        rule = LEARNER_REDUCTIONS.get(key)
+        if rule is None:
+            raise KeyError(f"learner statistic {key!r} has no rule in LEARNER_REDUCTIONS")
+        have = [r for r in records if key in r]
+        if rule == "share":
+            out[key] = sum(sum(r[key] for r in step) for step in steps) / len(steps)
+        elif rule == "token_mean":
+            out[key] = sum(r[key] * r["tokens"] for r in have) / max(sum(r["tokens"] for r in have), 1)
+        elif rule in ("min", "max"):  # a rank without tokens reports a placeholder: leave it out
+            values = [r[key] for r in have if r["tokens"] > 0] or [1.0]
+            out[key] = min(values) if rule == "min" else max(values)
+        elif rule == "global":
+            out[key] = sum(step[0][key] for step in steps) / len(steps)
+    out.pop("tokens", None)
+    return out
+
+
 def summary_table(rows: list[tuple[str, str, str]]) -> str:
     """A plain-text table: (metric, start, end)."""
     head = ("metric", "start", "end")

@@ -27,10 +27,12 @@ import torch
 from system import checkpoint
 from system.actor_group import ActorGroup
 from system.algo.advantages import group_advantages
-from system.algo.kl import get_kl_mode
+from system.algo.kl import get_kl_mode, kl_in_reward
+from system.config import ConfigError
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.prompts import PromptSampler, PromptSets
 from system.faults import ChecksumMismatch, FaultHandler
+from system.metrics import reduce_learner_steps
 
 
 class Phases:
@@ -85,7 +87,10 @@ class Trainer:
             "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
             lambda r: ((r, n, self.model_path, self._learner_cfg()), {}), env)
         self.learners.init_collective()
-        self.learners.call("build")
+        try:
+            self.learners.call("build")
+        except ConfigError as err:  # a model the learner refuses: Ray re-raises it as a subclass
+            raise ConfigError(str(getattr(err, "cause", err))) from None
         self._init_weight_sync()
         self.faults.record_pids()
 
@@ -115,7 +120,8 @@ class Trainer:
         rows = c.trainer.prompts_per_step * c.rollout.group_size
         return {"torch_threads": c.ray.torch_threads, "seed": c.seed, "dtype": c.model.dtype,
                 "gradient_checkpointing": lr.gradient_checkpointing,
-                "ref_transport": c.reference.transport, "lr": lr.lr, "betas": list(lr.betas),
+                "ref_transport": c.reference.transport, "temperature": c.rollout.temperature,
+                "optimizer": lr.optimizer, "lr": lr.lr, "betas": list(lr.betas),
                 "weight_decay": lr.weight_decay, "warmup_steps": lr.warmup_steps,
                 "micro_batch": rows // (lr.num_ranks * lr.minibatches), "grad_clip": lr.grad_clip,
                 "zero_stage": lr.zero_stage, "chunk_size": lr.chunk_size,
@@ -216,21 +222,17 @@ class Trainer:
                                                 c.algo.aggregation)
         prep = self.learners.call_each("prepare", [
             (batch.rows(i), split_packed(ref_rows, batch.loss_mask, i)) for i in index])
-        extra = {}
-        if not self.kl_mode.in_loss:  # PPO-style: k1 of pi_old folded into the reward
-            k1 = torch.zeros(batch.size)
-            for i, p in zip(index, prep):
-                k1[i] = p["k1_seq"]
-            rewards = rewards - c.algo.kl.coef * k1
-            extra["reward_kl"] = float(k1.mean())
         adv, adv_metrics = group_advantages(rewards, c.rollout.group_size, c.algo.scale_by_std)
+        if not self.kl_mode.in_loss:  # PPO-style: k1 of pi_old as a per-token reward
+            k1 = torch.zeros(batch.loss_mask.shape, dtype=prep[0]["k1"].dtype)  # [N, L-1]
+            for i, p in zip(index, prep):
+                k1[i] = p["k1"]
+            adv, kl_metrics = kl_in_reward(adv, k1, batch.loss_mask, c.algo.kl.coef)
+            adv_metrics.update(kl_metrics)
         outs = self.learners.call_each("update", [(adv[i], normalizers) for i in index])
-        total = sum(o["tokens"] for o in outs)
-        learner = {k: sum(o[k] * o["tokens"] for o in outs) / max(total, 1)
-                   for k in outs[0] if k not in ("tokens", "skipped")}
-        extra["updates_skipped"] = outs[0]["skipped"]  # the ranks agree on every skip
-        learner["loss"] = sum(o["loss"] for o in outs)  # rank losses share the global normalizer
-        return {**learner, **extra, **{k: float(v) for k, v in adv_metrics.items()}}
+        learner = reduce_learner_steps([o["steps"] for o in outs])
+        learner["updates_skipped"] = outs[0]["skipped"]  # the ranks agree on every skip
+        return {**learner, **{k: float(v) for k, v in adv_metrics.items()}}
 
     # ---- one step ---------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:

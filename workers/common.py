@@ -48,3 +48,35 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[t
             ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, :len(s)] = 1
     return ids, mask
+
+
+# Model config fields that change the logits after the output head's matmul (Gemma 2/3 soft-capping,
+# Cohere's logit scale, Granite's logit divisor); the value that leaves the logits unchanged.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+@torch.no_grad()
+def output_head_problem(model) -> str | None:
+    """Why this model's logits are not `final hidden state @ W.T` (all the fused KL op computes), or
+    None when they are (Qwen2, Llama, Mistral, ...).
+
+    Checks the known config fields, a bias on the head, then the model itself on a few tokens:
+    its logits must equal base_model's last hidden state times the head weight."""
+    cfg, head = model.config, model.get_output_embeddings()
+    name = type(model).__name__
+    for key, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(cfg, key, None)
+        if value is not None and value != neutral:
+            return (f"{name} transforms its logits after the output head ({key}={value}); the "
+                    f"learner computes logits as hidden @ W.T only")
+    if head is None or getattr(head, "bias", None) is not None:
+        return f"{name}'s output head is not a bias-free linear layer; the learner needs hidden @ W.T"
+    ids = torch.arange(8, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]  # [1, 8]
+    logits = model(input_ids=ids).logits.float()  # [1, 8, V]
+    hidden = model.base_model(input_ids=ids).last_hidden_state.float()  # [1, 8, H]
+    plain = hidden @ head.weight.float().T  # [1, 8, V]
+    # loose enough for bf16 rounding, far tighter than any scale or cap that matters
+    if not torch.allclose(logits, plain, rtol=1e-2, atol=1e-2 * float(plain.abs().max())):
+        return (f"{name}'s logits are not its final hidden state @ output head weight (largest "
+                f"difference {float((logits - plain).abs().max()):.3g}); the learner computes hidden @ W.T only")
+    return None

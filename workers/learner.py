@@ -6,11 +6,14 @@ Steps, driven by system/trainer.py:
    (ZeRO 0-3; under ZeRO-3 the output head is registered as an external parameter of the wrapper,
    so DeepSpeed gathers it for the fused op and reduces its gradient).
 2. `prepare(shard, ref_rows)`: before any update, the sampled tokens' log-probs under pi_old and
-   pi_ref (per-sequence k1 sums go back to the driver for KL-in-reward).
+   pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs and the KL are of
+   the distributions at the rollout temperature (`PolicyWithHead` says why).
 3. `update(advantages, normalizers)`: mu epochs over the minibatches; each minibatch is one
    optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
    average to the whole minibatch's gradient. A minibatch whose loss or gradients are NaN/inf on
    any rank is skipped on every rank (no backward / no optimizer step) and counted (`skipped`).
+   Each step's statistics are this rank's share; the driver combines the ranks'
+   (`system.metrics.reduce_learner_steps`), so the logged metrics do not depend on the rank count.
 4. `send_weights`: rank 0 broadcasts the parameters to the rollout workers (all ranks join the
    gather under ZeRO-3).
 
@@ -31,17 +34,30 @@ from torch import nn
 from system.algo.kl import get_kl_mode, loss_kl, logprobs_from_logits, sampled_kl
 from system.algo.fused_kl import fused_logprob_kl, logprobs_from_hidden
 from system.algo.losses import grpo_loss
-from workers.common import load_causal_lm, setup_process
+from system.config import ConfigError
+from workers.common import load_causal_lm, output_head_problem, setup_process
 from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, plan_buckets
 
 
 class PolicyWithHead(nn.Module):
-    """The policy plus the frozen reference head; forward returns per-token (logp, kl, entropy)."""
+    """The policy plus the frozen reference head: per-token log-probs and KL of the tempered policy.
 
-    def __init__(self, policy: nn.Module, ref_head: torch.Tensor | None):
+    Every distribution here is softmax(logits / T), T = rollout.temperature, for all four uses:
+    pi_theta and pi_old (the importance ratio), pi_ref, and the KL. The rollout samples from
+    pi_old^T, so the ratio must be pi_theta^T / pi_old^T to correct for the policy that actually
+    sampled, and pi_theta^T is the policy being improved (the next samples come from it). The KL
+    regularises that same sampling policy against the reference tempered alike,
+    KL(pi_theta^T || pi_ref^T): it is 0 at the start (theta = ref), where KL(pi_theta^T || pi_ref)
+    would not be, and would pull the policy towards undoing the temperature. (verl and OpenRLHF
+    divide the learner's logits by the rollout temperature too.)
+    """
+
+    def __init__(self, policy: nn.Module, ref_head: torch.Tensor | None, temperature: float = 1.0):
         super().__init__()
         self.policy = policy
-        # a buffer, not a parameter: frozen, never partitioned, never in the optimizer
+        self.temperature = float(temperature)
+        # a buffer, not a parameter: frozen, never partitioned, never in the optimizer; None for the
+        # logits transport (the reference worker sends the logits themselves)
         self.register_buffer("ref_head", ref_head, persistent=False)
 
     def head_weight(self) -> torch.Tensor:
@@ -53,10 +69,37 @@ class PolicyWithHead(nn.Module):
         return out.last_hidden_state[:, :-1][loss_mask.bool()]
 
     def forward(self, input_ids, attention_mask, loss_mask, ref_rows, chunk_size: int):
+        """pi_theta^T's log-prob of each sampled token, KL(pi_theta^T || pi_ref^T) and entropy: [M] each."""
         h = self.hidden_at(input_ids, attention_mask, loss_mask)  # [M, H]
         tokens = input_ids[:, 1:][loss_mask.bool()]  # [M]
         return fused_logprob_kl(h, self.head_weight(), ref_rows, self.ref_head, tokens,
-                                chunk_size=chunk_size, return_entropy=True)
+                                chunk_size=chunk_size, temperature=self.temperature,
+                                return_entropy=True)
+
+    @torch.no_grad()
+    def logprobs(self, input_ids, attention_mask, loss_mask, chunk_size: int) -> torch.Tensor:
+        """The current policy's log-probs of the sampled tokens at T, no gradient (pi_old): [M]."""
+        h = self.hidden_at(input_ids, attention_mask, loss_mask)  # [M, H]
+        tokens = input_ids[:, 1:][loss_mask.bool()]  # [M]
+        return logprobs_from_hidden(h, self.head_weight(), tokens, chunk_size,
+                                    temperature=self.temperature)
+
+    @torch.no_grad()
+    def ref_logprobs(self, ref_rows: torch.Tensor, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """pi_ref's log-probs at T from the reference rows (hidden states [M, H] or logits [M, V]): [M]."""
+        if self.ref_head is None:
+            return logprobs_from_logits(ref_rows, tokens, temperature=self.temperature)
+        return logprobs_from_hidden(ref_rows, self.ref_head, tokens, chunk_size,
+                                    temperature=self.temperature)
+
+
+# learner.optimizer: (parameters, learner cfg) -> torch optimizer. SGD without momentum moves the
+# weights by exactly -lr * gradient, so tests can see the gradient itself (AdamW ignores its scale).
+OPTIMIZERS = {
+    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c["lr"], betas=tuple(c["betas"]),
+                                                 weight_decay=c["weight_decay"]),
+    "sgd": lambda params, c: torch.optim.SGD(params, lr=c["lr"], weight_decay=c["weight_decay"]),
+}
 
 
 def _free_port() -> int:
@@ -76,6 +119,7 @@ class LearnerWorker:
         self.rank, self.world_size, self.cfg = rank, world_size, cfg
         self.device = setup_process(cfg["torch_threads"], cfg["seed"] + 1000 * rank)
         self.engine = None
+        self.grad_norm: float | None = None  # of the last step, where DeepSpeed does not report it
         self.sync: SyncGroup | None = None
         self.model_path = model_path
         self.version = 0
@@ -95,14 +139,16 @@ class LearnerWorker:
     def build(self) -> dict:
         c = self.cfg
         policy = load_causal_lm(self.model_path, c["dtype"], self.device)
+        problem = output_head_problem(policy)
+        if problem:
+            raise ConfigError(f"model.path: {problem}")
         if c.get("gradient_checkpointing"):
             policy.gradient_checkpointing_enable()
         ref_head = None
         if c["ref_transport"] == "hidden":  # the reference model is the starting policy
             ref_head = policy.get_output_embeddings().weight.detach().clone()
-        module = PolicyWithHead(policy, ref_head)
-        optimizer = torch.optim.AdamW(module.policy.parameters(), lr=c["lr"],
-                                      betas=tuple(c["betas"]), weight_decay=c["weight_decay"])
+        module = PolicyWithHead(policy, ref_head, c.get("temperature", 1.0))
+        optimizer = OPTIMIZERS[c.get("optimizer", "adamw")](module.policy.parameters(), c)
         warmup = max(1, c["warmup_steps"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         ds_config = {
@@ -123,33 +169,26 @@ class LearnerWorker:
 
     # ---- one training step --------------------------------------------------------------------
     def prepare(self, shard: dict, ref_rows: torch.Tensor) -> dict:
-        """Keep the shard; pi_old and pi_ref log-probs of its sampled tokens.
+        """Keep the shard; pi_old and pi_ref log-probs of its sampled tokens, and their per-token
+        k1 = log pi_old - log pi_ref [B, T] (the driver folds it into the advantages in `reward` mode).
 
         pi_old is the sampler's own log-probs when the shard carries them (rollout_ahead: sampled by
         the policy before the last update), and no forward pass is spent on it; otherwise the
-        current policy's, computed here."""
+        current policy's, computed here. Both keep the model's dtype (float64 stays float64)."""
         mask = shard["loss_mask"]
         tokens = shard["input_ids"][:, 1:][mask.bool()]
-        module, chunk = self.engine.module, self.cfg["chunk_size"]
+        module, chunk, dev = self.engine.module, self.cfg["chunk_size"], self.device
         old_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
         with torch.no_grad(), _gathered([module.head_weight()], self.cfg["zero_stage"]):
             if old_logp is None:
-                olds = []
-                for mb in self._minibatches(shard):
-                    h = module.hidden_at(mb["input_ids"].to(self.device), mb["attention_mask"].to(self.device),
-                                         mb["loss_mask"].to(self.device))
-                    olds.append(logprobs_from_hidden(h, module.head_weight(), mb["tokens"].to(self.device),
-                                                     chunk).cpu())
+                olds = [module.logprobs(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
+                                        mb["loss_mask"].to(dev), chunk).cpu()
+                        for mb in self._minibatches(shard)]
                 old_logp = _dense(torch.cat(olds), mask)
-            ref_rows = ref_rows.to(self.device)
-            if self.cfg["ref_transport"] == "hidden":
-                ref_logp = logprobs_from_hidden(ref_rows, module.ref_head, tokens.to(self.device), chunk)
-            else:
-                ref_logp = logprobs_from_logits(ref_rows, tokens.to(self.device))
-        ref_logp = _dense(ref_logp.cpu().float(), mask)  # [B, T]
+            ref_logp = module.ref_logprobs(ref_rows.to(dev), tokens.to(dev), chunk)
+        ref_logp = _dense(ref_logp.cpu(), mask)  # [B, T]
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
-        k1 = ((old_logp - ref_logp) * mask).sum(-1)  # [B]
-        return {"k1_seq": k1, "tokens": int(mask.sum())}
+        return {"k1": (old_logp - ref_logp) * mask, "tokens": int(mask.sum())}
 
     def _minibatches(self, shard: dict) -> list[dict]:
         """Split the shard (rows ordered by minibatch already) into cfg['minibatches'] parts."""
@@ -168,51 +207,55 @@ class LearnerWorker:
         return out
 
     def update(self, advantages: torch.Tensor, normalizers: list[float]) -> dict:
-        """mu epochs x minibatches of clipped GRPO with the configured KL mode."""
+        """mu epochs x minibatches of clipped GRPO with the configured KL mode.
+
+        advantages: [B] or [B, T] (per token in `reward` mode). Returns {"steps": one dict of
+        statistics per optimizer step, this rank's share (system.metrics.reduce_learner_steps
+        combines the ranks'), "skipped": updates skipped for NaN/inf}."""
+        shard = dict(self.shard, advantages=advantages)
+        steps, skipped = [], 0
+        for _ in range(self.cfg["epochs"]):
+            for i, mb in enumerate(self._minibatches(shard)):
+                loss, logp_p, stats = self._minibatch_loss(mb, normalizers[i], first=not steps)
+                loss = self._inject_nonfinite(loss, logp_p)
+                stats["loss"] = float(loss.detach())
+                skipped += not self._apply(loss)
+                norm = self.engine.get_global_grad_norm()
+                stats["grad_norm"] = float(norm if norm is not None else self.grad_norm or 0.0)
+                steps.append(stats)
+        self.version += 1
+        return {"steps": steps, "skipped": skipped}
+
+    def _minibatch_loss(self, mb: dict, normalizer: float, first: bool):
+        """The loss of one minibatch on this rank (its share under the whole minibatch's
+        normalizer), the packed log-probs [M], and this step's statistics (floats)."""
         c = self.cfg
         mode = get_kl_mode(c["kl_mode"])
-        shard = dict(self.shard, advantages=advantages)
-        sums: dict[str, float] = {}
-        steps = skipped = 0
-        behavior_gap = 0.0
-        for _ in range(c["epochs"]):
-            for i, mb in enumerate(self._minibatches(shard)):
-                dev = {k: v.to(self.device) for k, v in mb.items() if torch.is_tensor(v)}
-                lo, hi = mb["row_slice"]
-                ref_rows = self.shard["ref_rows"][lo:hi].to(self.device)
-                logp_p, kl_p, ent_p = self.engine(dev["input_ids"], dev["attention_mask"],
-                                                  dev["loss_mask"], ref_rows, c["chunk_size"])
-                mask = dev["loss_mask"].float()
-                logp, full_kl = _dense(logp_p, mask), _dense(kl_p, mask)
-                kl = loss_kl(mode, logp=logp, ref_logp=dev["ref_logp"], old_logp=dev["old_logp"],
-                             full_kl=full_kl)
-                loss, metrics = grpo_loss(
-                    logp, dev["old_logp"], dev["advantages"], mask, kl,
-                    clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
-                    kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
-                    normalizer=normalizers[i], max_len=c["max_len"])
-                if steps == 0 and "behavior_logp" in mb:  # before any optimizer step: pi_theta = pi_old
-                    with torch.no_grad():  # how far the sampler's policy was from it, per token
-                        gap = ((logp - dev["behavior_logp"]).abs() * mask).sum() / mask.sum().clamp(min=1)
-                    behavior_gap = float(gap)
-                loss = self._inject_nonfinite(loss, logp_p)
-                skipped += not self._apply(loss)
-                steps += 1
-                with torch.no_grad():
-                    k3 = sampled_kl(logp, dev["ref_logp"], "k3")
-                    n_tok = mask.sum().clamp(min=1)
-                    extra = {"kl_full": (full_kl * mask).sum() / n_tok,
-                             "kl_k3": (k3 * mask).sum() / n_tok,
-                             "entropy": _dense(ent_p.detach(), mask).sum() / n_tok,
-                             "grad_norm": self.engine.get_global_grad_norm() or 0.0}
-                for k, v in {**metrics, **extra, "loss": loss.detach()}.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-        self.version += 1
-        out = {k: v / steps for k, v in sums.items()}
-        out["tokens"] = int(self.shard["loss_mask"].sum())
-        out["behavior_logp_gap"] = behavior_gap  # on the first minibatch's tokens
-        out["skipped"] = skipped
-        return out
+        dev = {k: v.to(self.device) for k, v in mb.items() if torch.is_tensor(v)}
+        lo, hi = mb["row_slice"]
+        ref_rows = self.shard["ref_rows"][lo:hi].to(self.device)
+        logp_p, kl_p, ent_p = self.engine(dev["input_ids"], dev["attention_mask"],
+                                          dev["loss_mask"], ref_rows, c["chunk_size"])
+        mask = dev["loss_mask"].float()
+        logp, full_kl = _dense(logp_p, mask), _dense(kl_p, mask)  # [B, T]
+        kl = loss_kl(mode, logp=logp, ref_logp=dev["ref_logp"], old_logp=dev["old_logp"],
+                     full_kl=full_kl)
+        loss, metrics = grpo_loss(
+            logp, dev["old_logp"], dev["advantages"], mask, kl,
+            clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
+            kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
+            normalizer=normalizer, max_len=c["max_len"])
+        with torch.no_grad():
+            n_tok = mask.sum().clamp(min=1)
+            k3 = sampled_kl(logp, dev["ref_logp"], "k3")
+            stats = {**metrics, "kl_full": (full_kl * mask).sum() / n_tok,
+                     "kl_k3": (k3 * mask).sum() / n_tok,
+                     "entropy": _dense(ent_p.detach(), mask).sum() / n_tok}
+            if first:  # before any optimizer step pi_theta = pi_old, so this is how far the
+                # sampler's policy was from it, per token (0 when pi_old is computed here)
+                gap = (logp - dev["behavior_logp"]).abs() if "behavior_logp" in mb else torch.zeros_like(logp)
+                stats["behavior_logp_gap"] = (gap * mask).sum() / n_tok
+        return loss, logp_p, {k: float(v) for k, v in stats.items()}
 
     def _inject_nonfinite(self, loss: torch.Tensor, logp_p: torch.Tensor) -> torch.Tensor:
         """Testing aids (faults.nan_loss_at / nan_grad_at): at those training steps make the loss
@@ -232,6 +275,7 @@ class LearnerWorker:
         check their own gradient norm and skip the step on NaN/inf (engine.skipped_steps counts
         it); a plain torch optimizer (ZeRO-0, fp32) has no such check, so it is done here.
         """
+        self.grad_norm = None
         if not _all_ranks(torch.isfinite(loss.detach()).all(), self.device):
             return False
         # DeepSpeed averages gradients over ranks; the normalizer is the whole minibatch's
@@ -239,6 +283,10 @@ class LearnerWorker:
         if not hasattr(self.engine.optimizer, "overflow"):
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             finite = all(bool(torch.isfinite(g).all()) for g in grads)
+            # DeepSpeed reports no norm for a plain torch optimizer; the gradients are already
+            # averaged over the ranks here, so this is the whole minibatch's
+            self.grad_norm = float(torch.linalg.vector_norm(torch.stack(
+                [torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
             if not _all_ranks(finite, self.device):
                 self.engine.optimizer.zero_grad(set_to_none=True)
                 return False

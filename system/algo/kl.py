@@ -8,7 +8,7 @@ Modes (``KL_MODES``, see DESIGN.md section 1):
     k2      0.5 * (logp - ref_logp)^2
     k3      exp(ref_logp - logp) - (ref_logp - logp) - 1          (the common GRPO choice)
     k3_is   exp(logp - old_logp) * k3  (importance-weighted; unbiased off-policy, more variance)
-    reward  k1 of pi_old folded into the sequence reward, PPO style; the loss has no KL term
+    reward  k1 of pi_old as a per-token reward, PPO style (``kl_in_reward``); the loss has no KL term
 
 All per-token tensors are [B, T] (or any shape: functions here are elementwise over leading dims).
 """
@@ -165,29 +165,36 @@ def loss_kl(
 
 
 def kl_in_reward(
-    rewards: torch.Tensor,
-    old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    k1: torch.Tensor,
     mask: torch.Tensor,
     kl_coef: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO-style KL penalty in the reward: r_i - kl_coef * sum_t mask * (old_logp - ref_logp).
+    """PPO-style KL penalty in the reward, applied after the group advantages:
 
-    Uses k1 of the sampling policy pi_old, a constant with respect to theta, so it carries no
-    gradient and is unbiased for KL(pi_old || pi_ref) of the sequence. Apply it before
-    ``group_advantages``.
+        A[b, t] = advantages[b] - kl_coef * sum_{t' >= t} mask * k1[b, t']
+
+    PPO gives every token the reward -kl_coef * k1_t (k1 = log pi_old - log pi_ref at the sampled
+    token, a constant with respect to theta: no gradient), plus the task reward at the end; with no
+    critic and gamma = 1 the advantage of token t is the return from t on. The task reward is
+    normalised in its group first (GRPO) and the penalty is added unscaled, as OpenRLHF does: were
+    it standardised with the rewards (r - kl_coef * sum k1, then divided by the group std), a group
+    whose task rewards are all equal would get the standardised -sum k1 whatever kl_coef is.
 
     Args:
-        rewards: [B] sequence rewards.
-        old_logp, ref_logp: [B, T] log-probs of the sampled tokens under pi_old and pi_ref.
+        advantages: [B] group advantages of the task rewards (``group_advantages``).
+        k1: [B, T] log pi_old - log pi_ref of the sampled tokens.
         mask: [B, T], 1 on response tokens.
         kl_coef: beta.
 
     Returns:
-        rewards [B] (detached), metrics: detached 0-d tensors ``reward_kl`` (mean per-sequence k1 sum)
-        and ``reward_kl_penalty`` (mean amount subtracted).
+        advantages [B, T] (detached, zero off the mask, dtype of ``advantages``), metrics: detached
+        0-d tensors ``reward_kl`` (mean per-sequence k1 sum) and ``reward_kl_penalty`` (mean
+        penalty at the first response token, kl_coef times that sum).
     """
-    k1 = torch.where(mask.bool(), old_logp.detach() - ref_logp.detach(), 0.0)  # [B, T]
-    seq_kl = k1.sum(dim=-1).to(rewards.dtype if rewards.is_floating_point() else torch.float32)  # [B]
-    penalised = rewards.detach() - kl_coef * seq_kl
-    return penalised, {"reward_kl": seq_kl.mean(), "reward_kl_penalty": (kl_coef * seq_kl).mean()}
+    k1 = torch.where(mask.bool(), k1.detach(), 0.0)  # [B, T]
+    to_go = k1.flip(-1).cumsum(-1).flip(-1)  # [B, T]: sum over t' >= t
+    adv = advantages.detach().unsqueeze(-1) - kl_coef * to_go  # [B, T]
+    adv = torch.where(mask.bool(), adv, 0.0).to(advantages.dtype)
+    seq_kl = to_go[:, 0] if k1.shape[-1] else k1.sum(-1)  # [B]
+    return adv, {"reward_kl": seq_kl.mean(), "reward_kl_penalty": (kl_coef * seq_kl).mean()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,26 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == (f"config error: data: prompt dataset {tmp_path}/nope.jsonl: "
                                    "no such file or directory")
+
+
+def test_model_whose_logits_are_not_hidden_times_head_is_refused(capsys, ray_cluster, tmp_path):
+    """The fused KL op computes logits as hidden @ W.T: a model that soft-caps them (Gemma 2) stops
+    the run when the learners load it, before any step, with one line."""
+    import shutil
+
+    from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
+
+    debug = debug_model_dir()
+    model_dir = tmp_path / "gemma2"
+    vocab = AutoConfig.from_pretrained(debug).vocab_size
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=vocab, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                   head_dim=8)).save_pretrained(model_dir)
+    for src in Path(debug).glob("*token*"):  # the debug model's tokenizer
+        shutil.copy(src, model_dir / src.name)
+    data = write_dataset(tmp_path / "train.jsonl", [ROWS[0], ROWS[3]] * 8)
+    capsys.readouterr()  # drop save_pretrained's progress bar
+    err = _main_error(capsys, f"output_dir={tmp_path}", *file_data(data), f"model.path={model_dir}",
+                      "eval.size=0", "trainer.prompts_per_step=8", "rollout.group_size=4")
+    assert err == ("config error: model.path: Gemma2ForCausalLM transforms its logits after the output "
+                   "head (final_logit_softcapping=30.0); the learner computes logits as hidden @ W.T only")

@@ -45,16 +45,19 @@ def test_two_step_run_end_to_end(ray_cluster, tmp_path, zero_stage):
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
-def _one_batch(trainer):
-    """A batch sampled by the trainer's rollout workers, with its rewards and reference rows."""
+def _one_batch(trainer, logprobs: bool = False):
+    """A batch sampled by the trainer's rollout workers, with its rewards and reference rows (and
+    the sampler's log-probs as pi_old, as rollout_ahead uses them, if `logprobs`)."""
     from system.data.batch import build_batch
 
     G = trainer.cfg.rollout.group_size
     rows = trainer.sampler.next(trainer.cfg.trainer.prompts_per_step)
-    responses = trainer.generate([r["prompt_ids"] for r in rows], G, seed=123)
+    prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
+    responses, sampler_logp = trainer.collect(trainer.launch_generate(
+        [r["prompt_ids"] for r in rows], G, seed=123, want_logprobs=logprobs))
     texts = trainer.tokenizer.batch_decode(responses, skip_special_tokens=True)
     scores, _ = trainer.rewards.score(texts, [r["answer"] for r in rows for _ in range(G)])
-    batch = build_batch([r["prompt_ids"] for r in rows for _ in range(G)], responses, trainer.pad_id)
+    batch = build_batch(prompts, responses, trainer.pad_id, sampler_logp)
     # make sure the advantages are not all zero, whatever the policy sampled
     rewards = torch.tensor(scores) + torch.linspace(0, 1, batch.size)
     return batch, rewards
@@ -85,24 +88,29 @@ def test_sync_makes_rollout_weights_equal_learner_bit_for_bit(ray_cluster, tmp_p
         stop_trainer(trainer)
 
 
-# the second epoch runs with pi_theta != pi_ref, so the KL and its gradient are not zero
-TWO_EPOCHS = ["learner.epochs=2"]
+# The second epoch runs with pi_theta != pi_ref, so the KL and its gradient are not zero; two
+# minibatches, so metrics are combined over steps as well as ranks; plain SGD without clipping, so
+# the weights move by exactly -lr * gradient (AdamW and clipping would hide a wrong gradient scale);
+# sampled at T = 0.7 with the sampler's log-probs as pi_old (as rollout_ahead=1 runs).
+UPDATE = ["learner.epochs=2", "learner.minibatches=2", "learner.optimizer=sgd", "learner.grad_clip=0",
+          "learner.lr=0.05", "learner.warmup_steps=0", "rollout.temperature=0.7"]
 
 
 @pytest.fixture(scope="module")
 def reference_update(ray_cluster, tmp_path_factory):
     """Two learner ranks, hidden transport: one update on a fixed batch."""
-    trainer = build_trainer(tmp_path_factory.mktemp("ref"), TWO_EPOCHS)
+    trainer = build_trainer(tmp_path_factory.mktemp("ref"), UPDATE)
     try:
-        batch, rewards = _one_batch(trainer)
+        batch, rewards = _one_batch(trainer, logprobs=True)
+        start = _learner_weights(trainer)
         metrics = trainer.learn(batch, rewards, trainer.reference_rows(batch))
-        yield batch, rewards, metrics, _learner_weights(trainer)
+        yield batch, rewards, metrics, _learner_weights(trainer), start
     finally:
         stop_trainer(trainer)
 
 
 def _update_with(tmp_path, overrides, batch, rewards):
-    trainer = build_trainer(tmp_path, [*TWO_EPOCHS, *overrides])
+    trainer = build_trainer(tmp_path, [*UPDATE, *overrides])
     try:
         metrics = trainer.learn(batch, rewards, trainer.reference_rows(batch))
         return metrics, _learner_weights(trainer)
@@ -110,23 +118,35 @@ def _update_with(tmp_path, overrides, batch, rewards):
         stop_trainer(trainer)
 
 
-def _assert_same_weights(a: dict, b: dict, atol: float) -> None:
+def _assert_same_update(a: dict, b: dict, start: dict, rel: float) -> None:
+    moved = max((a[k] - start[k]).abs().max().item() for k in a)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
-    assert worst <= atol, f"largest weight difference {worst:.3g} > {atol}"
+    assert moved > 1e-3, f"the update moved the weights by only {moved:.3g}"
+    assert worst <= rel * moved, f"largest weight difference {worst:.3g} > {rel} x the update {moved:.3g}"
+
+
+def test_learner_computes_the_sampling_temperatures_distribution(reference_update):
+    """Before any step pi_theta = pi_old, so the sampler's log-probs at T = 0.7 must be the
+    learner's (a learner at T = 1 is about 1 nat per token away)."""
+    metrics = reference_update[2]
+    assert metrics["behavior_logp_gap"] < 1e-4, metrics["behavior_logp_gap"]
 
 
 def test_one_learner_rank_equals_two(reference_update, tmp_path):
-    batch, rewards, metrics2, weights2 = reference_update
+    """Same weights (SGD: the same gradients) and every logged metric the same, on 1 or 2 ranks."""
+    batch, rewards, metrics2, weights2, start = reference_update
     metrics1, weights1 = _update_with(tmp_path, ["learner.num_ranks=1"], batch, rewards)
-    assert metrics1["loss"] == pytest.approx(metrics2["loss"], rel=1e-4, abs=1e-6)
-    assert metrics1["kl_full"] == pytest.approx(metrics2["kl_full"], rel=1e-4, abs=1e-7)
-    _assert_same_weights(weights1, weights2, atol=2e-6)
+    assert metrics1.keys() == metrics2.keys()
+    for key in metrics1:
+        assert metrics1[key] == pytest.approx(metrics2[key], rel=1e-4, abs=1e-6), key
+    assert metrics2["kl_full"] > 1e-6 and metrics2["ratio_max"] > 1.01
+    _assert_same_update(weights1, weights2, start, rel=1e-4)
 
 
 def test_hidden_and_logits_transport_agree(reference_update, tmp_path):
-    batch, rewards, metrics_h, weights_h = reference_update
+    batch, rewards, metrics_h, weights_h, start = reference_update
     metrics_l, weights_l = _update_with(tmp_path, ["reference.transport=logits"], batch, rewards)
     assert metrics_h["kl_full"] > 1e-6
     assert metrics_l["kl_full"] == pytest.approx(metrics_h["kl_full"], rel=1e-4, abs=1e-7)
     assert metrics_l["kl_k3"] == pytest.approx(metrics_h["kl_k3"], rel=1e-4, abs=1e-7)
-    _assert_same_weights(weights_l, weights_h, atol=2e-6)
+    _assert_same_update(weights_l, weights_h, start, rel=1e-4)

@@ -83,8 +83,9 @@ def test_full_kl_from_logits_grad_matches_naive():
 def test_logprobs_from_logits_and_temperature():
     torch.manual_seed(2)
     z, tok = torch.randn(4, 7, 33), torch.randint(0, 33, (4, 7))
-    torch.testing.assert_close(logprobs_from_logits(z, tok).double(), naive_logp(z, tok))
-    torch.testing.assert_close(logprobs_from_logits(z, tok, temperature=0.6).double(), naive_logp(z / 0.6, tok))
+    tol = dict(rtol=1e-6, atol=1e-6)  # float32 results against a float64 reference
+    torch.testing.assert_close(logprobs_from_logits(z, tok).double(), naive_logp(z, tok), **tol)
+    torch.testing.assert_close(logprobs_from_logits(z, tok, temperature=0.6).double(), naive_logp(z / 0.6, tok), **tol)
 
 
 # ------------------------------------------------------------------ fused, chunked
@@ -272,14 +273,39 @@ def test_loss_kl_dispatch():
 
 
 def test_kl_in_reward_hand_worked():
-    rewards = torch.tensor([1.0, 0.0])
+    adv = torch.tensor([1.0, -1.0])
     old = torch.tensor([[-1.0, -2.0, -9.0], [-0.5, -0.5, -0.5]])
     ref = torch.tensor([[-1.5, -1.0, 0.0], [-0.5, -1.0, -0.5]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    # k1 sums: row 0: 0.5 + (-1.0) = -0.5 (third token masked); row 1: 0 + 0.5 + 0 = 0.5
-    out, metrics = kl_in_reward(rewards, old, ref, mask, kl_coef=0.1)
-    torch.testing.assert_close(out, torch.tensor([1.05, -0.05]))
-    assert metrics["reward_kl"].item() == pytest.approx(0.0)
+    # k1 = old - ref: row 0: [0.5, -1.0, (masked)]; row 1: [0, 0.5, 0]. Return from t on (t' >= t):
+    # row 0: [-0.5, -1.0, 0]; row 1: [0.5, 0.5, 0]
+    out, metrics = kl_in_reward(adv, (old - ref) * mask, mask, kl_coef=0.1)
+    torch.testing.assert_close(out, torch.tensor([[1.05, 1.1, 0.0], [-1.05, -1.05, -1.0]]))
+    assert metrics["reward_kl"].item() == pytest.approx(0.0)  # sequence sums -0.5 and 0.5
+    assert metrics["reward_kl_penalty"].item() == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("task_rewards", [[0.0] * 4, [1.0, 0.0, 0.0, 1.0]], ids=["all-equal", "mixed"])
+def test_kl_in_reward_coefficient_controls_the_penalty(task_rewards):
+    """The penalty is kl_coef times the KL return, whatever the group's task rewards: with all-equal
+    rewards, standardising r - kl_coef * KL by the group std would give the standardised -KL for
+    every kl_coef (about [0.34, 0.80, 0.57, -1.71] here)."""
+    from system.algo.advantages import group_advantages
+
+    g = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=F64)
+    k1 = torch.rand(4, 4, generator=g, dtype=F64) * mask  # [B, T]
+    task, _ = group_advantages(torch.tensor(task_rewards, dtype=F64), group_size=4)
+    # from the formula: A[b, t] = A_task[b] - beta * sum_{t' >= t} k1[b, t']
+    to_go = torch.stack([k1[:, t:].sum(-1) for t in range(4)], dim=-1)
+    penalties = {}
+    for beta in (0.1, 0.01, 0.0001):
+        adv, _ = kl_in_reward(task, k1, mask, beta)
+        torch.testing.assert_close(adv, (task[:, None] - beta * to_go) * mask, rtol=0, atol=1e-15)
+        penalties[beta] = adv - task[:, None] * mask
+    torch.testing.assert_close(penalties[0.01], penalties[0.1] / 10, rtol=1e-9, atol=0)
+    torch.testing.assert_close(penalties[0.0001], penalties[0.1] / 1000, rtol=1e-9, atol=0)
+    assert penalties[0.1].abs().max() > 0.05
 
 
 def test_fused_precision_with_large_logit_offset():

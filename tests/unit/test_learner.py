@@ -1,0 +1,128 @@
+"""The learner's per-token math on a tiny Qwen2 model in float64, against a naive implementation
+written from the formulas (Hugging Face logits divided by T, softmax, the clipped surrogate):
+pi_theta, pi_old, pi_ref and the KL at a sampling temperature T != 1, both reference transports,
+tied and untied heads, and the dtype kept throughout."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from workers.learner import LearnerWorker, PolicyWithHead  # noqa: E402
+
+F64 = torch.float64
+T = 0.7
+V = 61
+
+
+def tiny_qwen2(tied: bool, seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                      tie_word_embeddings=tied)
+    return Qwen2ForCausalLM(cfg).to(F64).eval()
+
+
+def drift(model: torch.nn.Module, scale: float, seed: int) -> None:
+    """Move every parameter a little, as optimizer steps would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def shard() -> dict:
+    """Three right-padded rows: prompt + response; loss_mask marks positions predicting a response token."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (4, 9), generator=g)
+    attn = torch.ones(4, 9, dtype=torch.long)
+    loss_mask = torch.zeros(4, 8)
+    for row, (prompt, response) in enumerate([(3, 6), (2, 4), (4, 5), (3, 1)]):
+        attn[row, prompt + response:] = 0
+        loss_mask[row, prompt - 1:prompt + response - 1] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
+
+
+def naive_logprobs(model, s: dict) -> torch.Tensor:
+    """log softmax(logits / T) of every vocabulary entry at the masked positions: [M, V]."""
+    logits = model(input_ids=s["input_ids"], attention_mask=s["attention_mask"]).logits
+    return torch.log_softmax(logits[:, :-1][s["loss_mask"].bool()] / T, dim=-1)
+
+
+class Engine:
+    """What the learner uses of DeepSpeed's engine for its loss: the wrapped module, callable."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __call__(self, *args):
+        return self.module(*args)
+
+
+def learner(policy, ref, transport: str, kl_mode: str) -> tuple[LearnerWorker, torch.Tensor]:
+    """A LearnerWorker around `policy` (no process group, no DeepSpeed), and the reference rows the
+    reference worker would send for shard()."""
+    s = shard()
+    ref_head = ref.get_output_embeddings().weight.detach().clone() if transport == "hidden" else None
+    worker = LearnerWorker.__new__(LearnerWorker)
+    worker.engine = Engine(PolicyWithHead(policy, ref_head, temperature=T))
+    worker.device = torch.device("cpu")
+    worker.cfg = {"chunk_size": 5, "zero_stage": 0, "minibatches": 1, "kl_mode": kl_mode,
+                  "kl_coef": 0.3, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
+                  "aggregation": "token-mean", "max_len": 8}
+    with torch.no_grad():
+        out = ref(input_ids=s["input_ids"], attention_mask=s["attention_mask"], output_hidden_states=True)
+        rows = out.hidden_states[-1] if transport == "hidden" else out.logits
+    return worker, rows[:, :-1][s["loss_mask"].bool()]
+
+
+@pytest.mark.parametrize("kl_mode", ["full", "k3"])
+@pytest.mark.parametrize("transport", ["hidden", "logits"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_learner_loss_at_temperature_matches_naive_float64(tied, transport, kl_mode):
+    ref = tiny_qwen2(tied)
+    policy = copy.deepcopy(ref)
+    drift(policy, 0.05, seed=2)  # pi_old != pi_ref
+    worker, ref_rows = learner(policy, ref, transport, kl_mode)
+    s = shard()
+    mask = s["loss_mask"].bool()
+    tokens = s["input_ids"][:, 1:][mask]  # [M]
+    with torch.no_grad():
+        old_all, ref_all = naive_logprobs(policy, s), naive_logprobs(ref, s)  # [M, V]
+    prep = worker.prepare(s, ref_rows)
+    # pi_old and pi_ref of the sampled tokens, tempered, in the model's dtype
+    for got, want in ((worker.shard["old_logp"], old_all), (worker.shard["ref_logp"], ref_all)):
+        assert got.dtype == F64
+        torch.testing.assert_close(got[mask], want.gather(1, tokens[:, None]).squeeze(1), rtol=0, atol=1e-12)
+    torch.testing.assert_close(prep["k1"], worker.shard["old_logp"] - worker.shard["ref_logp"])
+
+    drift(policy, 0.05, seed=3)  # pi_theta != pi_old: ratios away from 1
+    adv = torch.tensor([1.0, -0.5, 0.25, -2.0], dtype=F64)
+    mb = worker._minibatches(dict(worker.shard, advantages=adv))[0]
+    loss, _, stats = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+
+    # the same loss from the formulas, on the model's own logits divided by T
+    logp_all = naive_logprobs(policy, s)  # [M, V], with grad
+    logp = logp_all.gather(1, tokens[:, None]).squeeze(1)
+    old = old_all.gather(1, tokens[:, None]).squeeze(1)
+    ref_logp = ref_all.gather(1, tokens[:, None]).squeeze(1)
+    if kl_mode == "full":  # KL(pi_theta^T || pi_ref^T) over the vocabulary
+        kl = (logp_all.exp() * (logp_all - ref_all)).sum(-1)
+    else:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    a = adv[:, None].expand(mask.shape)[mask]
+    ratio = torch.exp(logp - old)
+    pg = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    want = (pg + 0.3 * kl).mean()
+    want_grads = torch.autograd.grad(want, list(policy.parameters()))
+
+    assert loss.dtype == F64 and abs(stats["ratio_max"] - 1) > 1e-3
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-15)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
