@@ -241,8 +241,20 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ConfigError(f"{key}: {reason}")
 
 
+def _in_ray_working_dir_copy(path: str) -> bool:
+    """Whether `path` (relative to the current directory) lies in Ray's per-session copy of a job's
+    working dir, <ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_*/: that is where
+    `ray job submit --working-dir` runs the driver, and Ray deletes it with the session."""
+    parts = os.path.abspath(path).split(os.sep)
+    return any(a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:]))
+
+
 def validate(cfg: Config) -> None:
     """All cross-field checks, in one place. Raises ConfigError naming the key."""
+    _check(not _in_ray_working_dir_copy(cfg.output_dir), "output_dir",
+           f"{cfg.output_dir!r} is {os.path.abspath(cfg.output_dir)}, inside Ray's temporary copy of the "
+           f"job's working dir, deleted with the session: pass an absolute path on shared storage, "
+           f"e.g. output_dir=/shared/outputs")
     _check(cfg.model.path not in ("", "???"), "model.path", "must be a model directory or 'debug'")
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     _check(cfg.data.source in ("synthetic", "file"), "data.source", "must be synthetic or file")

@@ -86,3 +86,25 @@ def test_cli_prints_one_line_error_and_exit_code(capsys):
     assert main(["--config", DEBUG, "rollout.group_size=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "config error: rollout.group_size: must be >= 2 (group advantages need a group)"
+
+
+def test_output_dir_inside_rays_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir` runs the driver in Ray's per-session copy of the working dir:
+    a relative output_dir (the default too) would land there and vanish with the session."""
+    import os
+
+    debug = os.path.abspath(DEBUG)
+    copy = tmp_path / "session_2026-01-01_00-00-00_000000_1" / "runtime_resources" / "working_dir_files"
+    (copy / "_ray_pkg_0123abcd").mkdir(parents=True)
+    monkeypatch.chdir(copy / "_ray_pkg_0123abcd")
+    for overrides in ([], ["output_dir=outputs"], [f"output_dir={copy / 'out'}"]):
+        with pytest.raises(ConfigError) as err:
+            load_config(debug, overrides)
+        message = str(err.value)
+        assert message.startswith("output_dir: ") and "\n" not in message
+        assert "absolute path on shared storage" in message
+    # an absolute path elsewhere is fine; so is the default outside such a copy
+    assert load_config(debug, [f"output_dir={tmp_path / 'out'}"]).output_dir == str(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(debug).output_dir == "outputs"
+
