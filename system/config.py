@@ -3,7 +3,9 @@
     cfg = load_config("configs/debug.yaml", ["algo.kl.mode=k3", "trainer.steps=5"])
 
 An unknown key, a value of the wrong type or an impossible combination raises ConfigError with
-one line that names the key and the reason.
+one line that names the key and the reason. A key that the chosen mode ignores (data.train_path
+with data.source=synthetic) is not an error: ignored_keys() lists it, and system.train prints one
+warning line for it.
 """
 
 from __future__ import annotations
@@ -355,6 +357,36 @@ def _validate_faults(cfg: Config) -> None:
         values = getattr(f, key)
         _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= first for v in values),
                f"faults.{key}", f"must be a list of step numbers >= {first}")
+
+
+# Keys a mode ignores: (key, the mode as a predicate, the mode in words, what happens instead). Not
+# listed: the vllm engine settings under rollout.backend=hf, kept in configs so that one override
+# switches backend.
+_FILE_KEYS = ("train_path", "eval_path", "prompt_field", "answer_field", "template", "max_prompt_tokens")
+IGNORED_KEYS = [
+    *[(f"data.{k}", lambda c: c.data.source == "synthetic", "data.source=synthetic",
+       "the run trains on the synthetic task; data.source=file reads files") for k in _FILE_KEYS],
+    *[(f"model.{k}", lambda c: c.model.path != "debug", "model.path other than debug",
+       "only model.path=debug builds the debug model") for k in ("debug_cache", "debug_settings")],
+    ("reward.timeout_s", lambda c: c.reward.num_workers == 0, "reward.num_workers=0",
+     "rewards are scored in the driver, without a time limit"),
+    ("checkpoint.keep", lambda c: c.checkpoint.every == 0, "checkpoint.every=0", "no checkpoints are saved"),
+    ("logging.wandb_project", lambda c: not c.logging.wandb, "logging.wandb=false", "nothing goes to W&B"),
+]
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def ignored_keys(cfg: Config) -> list:
+    """One line per key set to something other than its default that the chosen mode ignores,
+    e.g. data.train_path with data.source=synthetic (warnings: the run itself is well defined)."""
+    defaults = Config()
+    return [f"{key}: ignored with {mode} ({instead})" for key, ignored, mode, instead in IGNORED_KEYS
+            if ignored(cfg) and _get(cfg, key) != _get(defaults, key)]
 
 
 def to_yaml(cfg: Config) -> str:
