@@ -126,7 +126,7 @@ class TrainerConfig:
     prompts_per_step: int = 16  # B: prompts per step
     rollout_ahead: int = 1  # 1: sample step k+1 while the learner updates on step k (0: on-policy)
     resume: str = "none"  # none | auto | a checkpoint directory
-    progress_bar: bool = True  # tqdm progress bar on the console
+    progress_bar: bool = True  # tqdm progress bar on a terminal console, console lines printed above it
 
 
 @dataclass

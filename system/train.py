@@ -23,7 +23,7 @@ import sys
 import time
 
 from system.config import ConfigError, ignored_keys, load_config, to_yaml
-from system.metrics import MetricsLogger, summary_table
+from system.metrics import MetricsLogger, progress_bar, summary_table
 
 
 def parse_args(argv=None):
@@ -104,7 +104,6 @@ def main(argv=None) -> int:
 def train(cfg, model_path: str, run_dir: str) -> int:
     import ray
     from omegaconf import OmegaConf
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from system.data.prompts import load_prompt_sets
@@ -135,10 +134,8 @@ def train(cfg, model_path: str, run_dir: str) -> int:
         try:
             trainer.start_actors()
             print(f"[setup] actors ready in {time.perf_counter() - t0:.1f}s", flush=True)
-            bar = tqdm(total=cfg.trainer.steps, desc="train", disable=not cfg.trainer.progress_bar,
-                       file=sys.stderr)
-            result = trainer.fit(logger, bar)
-            bar.close()
+            with progress_bar(cfg.trainer.steps, cfg.trainer.progress_bar) as bar:
+                result = trainer.fit(logger, bar)
             trainer.save_policy(os.path.join(run_dir, "final"))
         finally:
             trainer.stop_actors()
