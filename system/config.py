@@ -71,6 +71,7 @@ class RolloutConfig:
     return_logprobs: bool = False  # also return the sampler's own log-probs
     num_gpus: float = 0.0  # GPUs per rollout actor
     num_cpus: float = 1.0  # CPUs per rollout actor
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     gpu_memory_utilization: float = 0.5  # vllm on GPU: fraction of GPU memory for the engine
     tensor_parallel_size: int = 1  # vllm: tensor parallel size per engine
     kv_cache_gb: float = 0.0  # vllm: KV-cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU only)
@@ -84,6 +85,7 @@ class ReferenceConfig:
     transport: str = "hidden"  # hidden (final hidden states) | logits (exact, small vocabularies)
     num_gpus: float = 0.0  # GPUs per reference actor
     num_cpus: float = 1.0  # CPUs per reference actor
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     micro_batch: int = 64  # sequences per reference forward
 
 
@@ -101,6 +103,7 @@ class LearnerConfig:
     chunk_size: int = 0  # tokens per chunk in the fused log-prob/KL op; 0: 2^25 // vocab (128 MiB per fp32 buffer)
     num_gpus: float = 0.0  # GPUs per learner rank
     num_cpus: float = 1.0  # CPUs per learner rank
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     gradient_checkpointing: bool = False  # recompute activations in backward
 
 
@@ -330,7 +333,18 @@ def validate(cfg: Config) -> None:
     _check(cfg.sync.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
     _check(cfg.sync.backend in ("auto", "gloo", "nccl"), "sync.backend", "must be auto, gloo or nccl")
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
+    _validate_placement(cfg)
     _validate_faults(cfg)
+
+
+def _validate_placement(cfg: Config) -> None:
+    """<role>.resources: custom Ray resources per actor (node tags), amounts > 0."""
+    for role in ("rollout", "reference", "learner"):
+        res = getattr(cfg, role).resources
+        _check(all(k not in ("CPU", "GPU", "memory") for k in res), f"{role}.resources",
+               f"CPU and GPU have their own keys ({role}.num_cpus, {role}.num_gpus)")
+        _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in res.values()),
+               f"{role}.resources", "must map resource names to amounts > 0")
 
 
 def _validate_vllm(r: RolloutConfig) -> None:
