@@ -35,6 +35,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import session_processes, stop_session
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: ray, and the `python` jobs run
 SOCKET_PATH_MAX = 107  # AF_UNIX path limit on Linux (108 bytes with the NUL)
@@ -83,41 +85,6 @@ def _temp_dir(tmp_path: Path) -> tuple:
         candidate.mkdir()
         return candidate, False
     return Path(tempfile.mkdtemp(prefix="rayjt-", dir="/tmp")), True
-
-
-def _session_processes(sid: int) -> list:
-    """Live processes in session `sid`, and their descendants (a job's driver may start its own
-    session). Zombies are left out: they are already dead, waiting for init to reap them."""
-    import psutil
-
-    found = {}
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                found[proc.pid] = proc
-                found.update({child.pid: child for child in proc.children(recursive=True)})
-        except (OSError, psutil.Error):
-            continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def _stop_session(sid: int) -> None:
-    """SIGKILL the head's processes by pid, as `ray stop --force` would (gcs_server and raylet sit
-    out a SIGTERM for many seconds), and wait until they are gone."""
-    import psutil
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        procs = _session_processes(sid)
-        if not procs:
-            return
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        time.sleep(0.5)
 
 
 class RayHead:
@@ -202,7 +169,7 @@ class RayHead:
 
     def stop(self) -> None:
         if self.sid is not None:
-            _stop_session(self.sid)
+            stop_session(self.sid)
         if self._own_temp:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -224,10 +191,10 @@ def test_ray_head_starts_and_stops_cleanly(tmp_path):
     head = RayHead(tmp_path)
     try:
         head.start()
-        assert _session_processes(head.sid), "ray start left no processes in its session"
+        assert session_processes(head.sid), "ray start left no processes in its session"
     finally:
         head.stop()
-    assert _session_processes(head.sid) == []
+    assert session_processes(head.sid) == []
 
 
 @pytest.mark.timeout(300)
