@@ -3,7 +3,8 @@
 #
 #   deploy/ray/submit.sh                                          # configs/qwen2.5-0.5b-gsm8k.yaml
 #   deploy/ray/submit.sh configs/qwen2.5-1.5b-math.yaml trainer.steps=200
-#   RAY_ADDRESS=http://head:8265 RAY_AUTH_TOKEN=<token> deploy/ray/submit.sh configs/debug.yaml output_dir=/shared/out
+#   RAY_ADDRESS=http://head:8265 RAY_AUTH_TOKEN=<token> deploy/ray/submit.sh configs/debug.yaml \
+#       output_dir=/shared/out
 #
 # The first argument is the config, the rest are dotlist overrides passed to system.train.
 # RAY_ADDRESS is the dashboard (job server) address of the cluster, default the local one.

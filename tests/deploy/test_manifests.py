@@ -151,7 +151,7 @@ def test_every_manifest_is_valid(name):
             assert kuberay_errors(doc) == []
         else:
             kubernetes_validate = pytest.importorskip(
-                "kubernetes_validate", reason="kubernetes-validate (Kubernetes' schemas, offline) not installed")
+                "kubernetes_validate", reason="kubernetes-validate (Kubernetes' schemas) not installed")
             kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
 
@@ -327,7 +327,8 @@ def _rayjob_breakages():
         ("unknown submissionMode", lambda d: d["spec"].update(submissionMode="K8sJob"), "spec.submissionMode"),
         ("authOptions.mode tokens", lambda d: d["spec"]["rayClusterSpec"]["authOptions"].update(mode="tokens"),
          "'tokens' is not one of"),
-        ("authOption", lambda d: _rename(d["spec"]["rayClusterSpec"], "authOptions", "authOption"), "'authOption'"),
+        ("authOption", lambda d: _rename(d["spec"]["rayClusterSpec"], "authOptions", "authOption"),
+         "'authOption'"),
     ]
 
 

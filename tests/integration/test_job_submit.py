@@ -239,7 +239,8 @@ def test_relative_output_dir_stops_the_job_at_start(ray_head):
     session): the driver stops at once, with one line that says what to pass."""
     submission_id = ray_head.submit("python", "-m", "system.train", "--config", "configs/debug.yaml")
     assert ray_head.wait(submission_id, timeout_s=240) == "FAILED"
-    errors = [l for l in ray_head.client.get_job_logs(submission_id).splitlines() if l.startswith("config error:")]
+    logs = ray_head.client.get_job_logs(submission_id)
+    errors = [l for l in logs.splitlines() if l.startswith("config error:")]
     assert len(errors) == 1 and errors[0].startswith("config error: output_dir: 'outputs' is /"), errors
     assert "runtime_resources/working_dir_files" in errors[0] and "absolute path on shared storage" in errors[0]
 

@@ -89,7 +89,8 @@ def test_run_across_nodes_survives_losing_the_rollout_workers_node(tmp_path):
     assert result["lost"][:6] in placed["rollout"]
     faults = [l for l in out.splitlines() if l.startswith(("[faults]", "[test]"))]
     assert any(l.startswith("[faults] rollout worker 0 restarted") for l in faults), faults
-    recovered = re.findall(r"^\[faults\] recovered in ([0-9.]+)s: .*rollout worker 0.* back$", out, re.MULTILINE)
+    recovered = re.findall(r"^\[faults\] recovered in ([0-9.]+)s: .*rollout worker 0.* back$", out,
+                           re.MULTILINE)
     assert len(recovered) == 1, faults
     records = [json.loads(l) for l in (tmp_path / "multinode" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
