@@ -14,7 +14,7 @@ import importlib
 from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
@@ -25,10 +25,13 @@ def _load(path: str):
 
 class ActorGroup:
     def __init__(self, name: str, cls_path: str, num: int, num_cpus: float, num_gpus: float,
-                 make_args, env: dict | None = None, strategy: str = "PACK", max_restarts: int = 0):
-        """make_args(rank) -> (args, kwargs) for the actor's constructor."""
+                 make_args, env: dict | None = None, strategy: str = "PACK", max_restarts: int = 0,
+                 resources: dict | None = None):
+        """make_args(rank) -> (args, kwargs) for the actor's constructor. `resources`: custom Ray
+        resources per actor, which only the nodes started with them hold (placement by node)."""
         self.name = name
-        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
+        resources = dict(resources or {})
+        bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
         self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy)
         ray.get(self.pg.ready(), timeout=600)
         remote_cls = ray.remote(_load(cls_path))
@@ -36,7 +39,7 @@ class ActorGroup:
         for rank in range(num):
             args, kwargs = make_args(rank)
             self.actors.append(remote_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=max_restarts,
+                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=max_restarts,
                 runtime_env={"env_vars": env or {}},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),
@@ -57,6 +60,11 @@ class ActorGroup:
     def call_each(self, method: str, per_rank: list[tuple]) -> list[Any]:
         return ray.get(self.call_each_async(method, per_rank))
 
+    def nodes(self) -> list:
+        """The id of the node each rank's bundle is placed on, in rank order."""
+        where = placement_group_table(self.pg)["bundles_to_node_id"]
+        return [where.get(rank) for rank in range(len(self.actors))]
+
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
@@ -66,3 +74,18 @@ class ActorGroup:
         """Rank 0 picks the address of the group's collective; every rank then joins it."""
         host, port = ray.get(self.actors[0].address.remote())
         self.call("init_process_group", host, port)
+
+
+def placement_line(*groups: ActorGroup) -> str:
+    """Where each group's ranks run, e.g. `rollout: 0@node 1a2b3c (10.0.0.2) | learner: 0,1@node
+    4d5e6f (10.0.0.3)`: on a cluster, the check that a placement config did what it says."""
+    address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    parts = []
+    for group in groups:
+        ranks: dict = {}
+        for rank, node in enumerate(group.nodes()):
+            ranks.setdefault(node, []).append(str(rank))
+        where = [f"{','.join(r)}@node {str(node)[:6]} ({address.get(node, '?')})"
+                 for node, r in ranks.items()]
+        parts.append(f"{group.name}: {', '.join(where)}")
+    return " | ".join(parts)

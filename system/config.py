@@ -3,7 +3,9 @@
     cfg = load_config("configs/debug.yaml", ["algo.kl.mode=k3", "trainer.steps=5"])
 
 An unknown key, a value of the wrong type or an impossible combination raises ConfigError with
-one line that names the key and the reason.
+one line that names the key and the reason. A key that the chosen mode ignores (data.train_path
+with data.source=synthetic) is not an error: ignored_keys() lists it, and system.train prints one
+warning line for it.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class RolloutConfig:
     return_logprobs: bool = False  # also return the sampler's own log-probs
     num_gpus: float = 0.0  # GPUs per rollout actor
     num_cpus: float = 1.0  # CPUs per rollout actor
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     gpu_memory_utilization: float = 0.5  # vllm on GPU: fraction of GPU memory for the engine
     tensor_parallel_size: int = 1  # vllm: tensor parallel size per engine
     kv_cache_gb: float = 0.0  # vllm: KV-cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU only)
@@ -82,6 +85,7 @@ class ReferenceConfig:
     transport: str = "hidden"  # hidden (final hidden states) | logits (exact, small vocabularies)
     num_gpus: float = 0.0  # GPUs per reference actor
     num_cpus: float = 1.0  # CPUs per reference actor
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     micro_batch: int = 64  # sequences per reference forward
 
 
@@ -100,6 +104,7 @@ class LearnerConfig:
     chunk_size: int = 0  # tokens per chunk in the fused log-prob/KL op; 0: 2^25 // vocab (128 MiB per fp32 buffer)
     num_gpus: float = 0.0  # GPUs per learner rank
     num_cpus: float = 1.0  # CPUs per learner rank
+    resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     gradient_checkpointing: bool = False  # recompute activations in backward
 
 
@@ -125,7 +130,7 @@ class TrainerConfig:
     prompts_per_step: int = 16  # B: prompts per step
     rollout_ahead: int = 1  # 1: sample step k+1 while the learner updates on step k (0: on-policy)
     resume: str = "none"  # none | auto | a checkpoint directory
-    progress_bar: bool = True  # tqdm progress bar on the console
+    progress_bar: bool = True  # tqdm progress bar on a terminal console, console lines printed above it
 
 
 @dataclass
@@ -242,8 +247,20 @@ def _check(ok: bool, key: str, reason: str) -> None:
         raise ConfigError(f"{key}: {reason}")
 
 
+def _in_ray_working_dir_copy(path: str) -> bool:
+    """Whether `path` (relative to the current directory) lies in Ray's per-session copy of a job's
+    working dir, <ray temp>/session_*/runtime_resources/working_dir_files/_ray_pkg_*/: that is where
+    `ray job submit --working-dir` runs the driver, and Ray deletes it with the session."""
+    parts = os.path.abspath(path).split(os.sep)
+    return any(a == "runtime_resources" and b == "working_dir_files" for a, b in zip(parts, parts[1:]))
+
+
 def validate(cfg: Config) -> None:
     """All cross-field checks, in one place. Raises ConfigError naming the key."""
+    _check(not _in_ray_working_dir_copy(cfg.output_dir), "output_dir",
+           f"{cfg.output_dir!r} is {os.path.abspath(cfg.output_dir)}, inside Ray's temporary copy of the "
+           f"job's working dir, deleted with the session: pass an absolute path on shared storage, "
+           f"e.g. output_dir=/shared/outputs")
     _check(cfg.model.path not in ("", "???"), "model.path", "must be a model directory or 'debug'")
     _check(cfg.model.dtype in ("float32", "bfloat16"), "model.dtype", "must be float32 or bfloat16")
     _check(cfg.data.source in ("synthetic", "file"), "data.source", "must be synthetic or file")
@@ -316,7 +333,18 @@ def validate(cfg: Config) -> None:
     _check(cfg.sync.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
     _check(cfg.sync.backend in ("auto", "gloo", "nccl"), "sync.backend", "must be auto, gloo or nccl")
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
+    _validate_placement(cfg)
     _validate_faults(cfg)
+
+
+def _validate_placement(cfg: Config) -> None:
+    """<role>.resources: custom Ray resources per actor (node tags), amounts > 0."""
+    for role in ("rollout", "reference", "learner"):
+        res = getattr(cfg, role).resources
+        _check(all(k not in ("CPU", "GPU", "memory") for k in res), f"{role}.resources",
+               f"CPU and GPU have their own keys ({role}.num_cpus, {role}.num_gpus)")
+        _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in res.values()),
+               f"{role}.resources", "must map resource names to amounts > 0")
 
 
 def _validate_vllm(r: RolloutConfig) -> None:
@@ -343,6 +371,36 @@ def _validate_faults(cfg: Config) -> None:
         values = getattr(f, key)
         _check(all(isinstance(v, int) and not isinstance(v, bool) and v >= first for v in values),
                f"faults.{key}", f"must be a list of step numbers >= {first}")
+
+
+# Keys a mode ignores: (key, the mode as a predicate, the mode in words, what happens instead). Not
+# listed: the vllm engine settings under rollout.backend=hf, kept in configs so that one override
+# switches backend.
+_FILE_KEYS = ("train_path", "eval_path", "prompt_field", "answer_field", "template", "max_prompt_tokens")
+IGNORED_KEYS = [
+    *[(f"data.{k}", lambda c: c.data.source == "synthetic", "data.source=synthetic",
+       "the run trains on the synthetic task; data.source=file reads files") for k in _FILE_KEYS],
+    *[(f"model.{k}", lambda c: c.model.path != "debug", "model.path other than debug",
+       "only model.path=debug builds the debug model") for k in ("debug_cache", "debug_settings")],
+    ("reward.timeout_s", lambda c: c.reward.num_workers == 0, "reward.num_workers=0",
+     "rewards are scored in the driver, without a time limit"),
+    ("checkpoint.keep", lambda c: c.checkpoint.every == 0, "checkpoint.every=0", "no checkpoints are saved"),
+    ("logging.wandb_project", lambda c: not c.logging.wandb, "logging.wandb=false", "nothing goes to W&B"),
+]
+
+
+def _get(cfg, key: str):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def ignored_keys(cfg: Config) -> list:
+    """One line per key set to something other than its default that the chosen mode ignores,
+    e.g. data.train_path with data.source=synthetic (warnings: the run itself is well defined)."""
+    defaults = Config()
+    return [f"{key}: ignored with {mode} ({instead})" for key, ignored, mode, instead in IGNORED_KEYS
+            if ignored(cfg) and _get(cfg, key) != _get(defaults, key)]
 
 
 def to_yaml(cfg: Config) -> str:

@@ -9,9 +9,12 @@ What happens on each failure (the Trainer routes every step, sync and evaluation
    versions checked; the interrupted step is retried from the prompt sampler's state at its
    start (an in-flight rollout_ahead sample is dropped). Restarts are counted (metric
    `actor_restarts`, for the whole run); past faults.max_actor_restarts in one submission the
-   run saves a checkpoint and stops.
-2. A learner rank dies: DeepSpeed's group cannot lose a member, so the run stops with an error
-   naming the rank and the checkpoint to resume from (trainer.resume=auto).
+   run saves a checkpoint and stops. A lost node is the same case: Ray moves the worker's
+   placement bundle to a node that can hold it and restarts it there. Each recovery logs its
+   time, from the failed call noticed to the workers back ("[faults] recovered in 21.7s: ...").
+2. A learner rank dies (its process, or its whole node): DeepSpeed's group cannot lose a member,
+   so the run stops with an error naming the rank, its node and the checkpoint to resume from
+   (trainer.resume=auto).
 3. The weight-sync checksums disagree: the sync is retried once, then the run saves a checkpoint
    (the learners' state is sound) and stops.
 4. The learners skipped an update for a NaN/inf loss or gradient (workers/learner.py): counted
@@ -81,6 +84,7 @@ class FaultHandler:
     def __init__(self, trainer):
         self.t, self.cfg = trainer, trainer.cfg.faults
         self.pids: dict[str, list] = {}
+        self.learner_nodes: list[str] = []  # "node <id> (<address>)" of each learner rank
         self.restarts = 0  # in this submission: the limit applies to these
         self.restarts_total = 0  # over the whole run, resumes included (metric actor_restarts)
         self.nonfinite_total = 0  # skipped optimizer steps over the run (metric nonfinite_skipped)
@@ -96,6 +100,9 @@ class FaultHandler:
     def record_pids(self) -> None:
         t = self.t
         self.pids = {"rollout": t.rollout.call("pid"), "reference": t.reference.call("pid")}
+        # where each learner rank runs, read now: once its node is gone, Ray no longer says
+        address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        self.learner_nodes = [f"node {str(n)[:6]} ({address.get(n, '?')})" for n in t.learners.nodes()]
 
     # ---- the guarded calls ------------------------------------------------------------------
     def run_step(self, step: int) -> dict:
@@ -163,6 +170,7 @@ class FaultHandler:
         """After `err` during `what`: stop if a learner died; if rollout/reference workers were
         restarted, count them and bring them back in (new sync group, current weights); if
         nothing died, re-raise `err`."""
+        t0 = time.perf_counter()
         self._check_learners()
         restarted = self._restarted()
         if not restarted:
@@ -179,12 +187,14 @@ class FaultHandler:
               f"of at most {limit}: redoing it", flush=True)
         if any(group == "rollout" for group, _ in restarted):
             self._rejoin_rollout(resync)
+        print(f"[faults] recovered in {time.perf_counter() - t0:.1f}s: {names} back", flush=True)
 
     def _check_learners(self) -> None:
         states = probe(self.t.learners.actors, _LEARNER_PROBE_S)
         for rank, (state, cause) in enumerate(states):
             if state == "dead":
-                self.stop(f"learner rank {rank} died: {cause}", save=False)
+                where = self.learner_nodes[rank] if rank < len(self.learner_nodes) else "an unknown node"
+                self.stop(f"learner rank {rank} on {where} died: {cause}", save=False)
 
     def _restarted(self) -> list[tuple[str, int]]:
         """(group, rank) of every rollout/reference worker with a new process since last seen."""

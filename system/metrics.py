@@ -1,10 +1,14 @@
-"""Run outputs: metrics.jsonl, TensorBoard events, a compact console line per step, a summary."""
+"""Run outputs: metrics.jsonl, TensorBoard events, a compact console line per step, the progress
+bar (with every console line printed above it), a summary."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import threading
 import time
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 CONSOLE_KEYS = (("reward_mean", "reward", ".3f"), ("accuracy", "acc", ".3f"),
                 ("kl_full", "kl", ".4f"), ("kl_k3", "k3", ".4f"), ("clip_frac", "clip", ".3f"),
@@ -120,3 +124,55 @@ def summary_table(rows: list[tuple[str, str, str]]) -> str:
     line = "+".join("-" * (w + 2) for w in widths)
     fmt = lambda r: " | ".join(str(c).ljust(w) for c, w in zip(r, widths))  # noqa: E731
     return "\n".join([line, fmt(head), line, *map(fmt, rows), line])
+
+
+class _AboveTheBar:
+    """Stands in for stdout or stderr while the progress bar is shown: each complete line goes out
+    through tqdm.write, which clears the bar, writes the line and redraws the bar under it. A plain
+    print would land on the bar's row, after its text (`train: 96%|...|step 78/80 | reward ...`)."""
+
+    def __init__(self, stream):
+        self.stream, self._partial, self._lock = stream, "", threading.Lock()
+
+    def write(self, text: str) -> int:
+        from tqdm import tqdm
+
+        with self._lock:  # Ray forwards actor output from a thread of its own
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                tqdm.write(line, file=self.stream)
+        return len(text)
+
+    def flush(self) -> None:  # a line without its newline yet stays until the newline comes
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self._partial:
+            self.write("\n")
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the real stream's
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def progress_bar(total: int, enabled: bool = True):
+    """A tqdm bar over the training steps on stderr, shown on a terminal only (a job log gets the
+    per-step lines alone, not a carriage-return update per step). While it is shown, whatever is
+    printed to stdout or stderr (step lines, evals, checkpoints, actor output) goes above it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc="train", file=sys.stderr, disable=None if enabled else True)
+    if bar.disable:
+        try:
+            yield bar
+        finally:
+            bar.close()
+        return
+    out, err = _AboveTheBar(sys.stdout), _AboveTheBar(sys.stderr)
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            yield bar
+    finally:
+        out.finish()
+        err.finish()
+        bar.close()

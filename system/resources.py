@@ -3,7 +3,8 @@
     needed = required_resources(cfg)                         # {"CPU": 4.0, "GPU": 4.0}
     check_cluster_resources(cfg, ray.cluster_resources())    # raises ResourceError if it cannot fit
 
-Steps: (1) add up CPU and GPU over the actor groups (rollout, reference, learner), each group being
+Steps: (1) add up CPU, GPU and the custom resources (`<group>.resources`, which place a group on
+the nodes started with them) over the actor groups (rollout, reference, learner), each group being
 its number of actors times the per-actor amount in the config; (2) compare each total with the
 cluster's; (3) on a shortfall, name the group that asks the most of the missing resource, its two
 config keys, what the cluster has, and the per-group breakdown, in one line.
@@ -32,20 +33,33 @@ class _Group:
     name: str  # rollout | reference | learner
     count_key: str  # config key holding the number of actors
     count: int
-    per_actor: dict  # {"CPU": x, "GPU": y} per actor
+    per_actor: dict  # {"CPU": x, "GPU": y, custom resource: z, ...} per actor
 
     def need(self, resource: str) -> float:
-        return self.count * self.per_actor[resource]
+        return self.count * self.per_actor.get(resource, 0.0)
+
+    def key(self, resource: str) -> str:
+        """The config key of the per-actor amount of `resource`."""
+        if resource in RESOURCES:
+            return f"{self.name}.num_{resource.lower()}s"
+        return f"{self.name}.resources.{resource}"
 
 
 def _groups(cfg: Config) -> list:
     r, ref, lr = cfg.rollout, cfg.reference, cfg.learner
     return [
-        _Group("rollout", "rollout.num_workers", r.num_workers, {"CPU": r.num_cpus, "GPU": r.num_gpus}),
+        _Group("rollout", "rollout.num_workers", r.num_workers,
+               {"CPU": r.num_cpus, "GPU": r.num_gpus, **r.resources}),
         _Group("reference", "reference.num_workers", ref.num_workers,
-               {"CPU": ref.num_cpus, "GPU": ref.num_gpus}),
-        _Group("learner", "learner.num_ranks", lr.num_ranks, {"CPU": lr.num_cpus, "GPU": lr.num_gpus}),
+               {"CPU": ref.num_cpus, "GPU": ref.num_gpus, **ref.resources}),
+        _Group("learner", "learner.num_ranks", lr.num_ranks,
+               {"CPU": lr.num_cpus, "GPU": lr.num_gpus, **lr.resources}),
     ]
+
+
+def _resources(groups: list) -> list:
+    """CPU, GPU, then the custom resources any group asks for, by name."""
+    return [*RESOURCES, *sorted({k for g in groups for k in g.per_actor} - set(RESOURCES))]
 
 
 def _fmt(x: float) -> str:
@@ -54,9 +68,9 @@ def _fmt(x: float) -> str:
 
 
 def required_resources(cfg: Config) -> dict:
-    """{"CPU": x, "GPU": y}: the sum over actor groups of actors x per-actor amount."""
+    """{"CPU": x, "GPU": y, custom: z, ...}: the sum over actor groups of actors x per-actor amount."""
     groups = _groups(cfg)
-    return {res: float(sum(g.need(res) for g in groups)) for res in RESOURCES}
+    return {res: float(sum(g.need(res) for g in groups)) for res in _resources(groups)}
 
 
 def check_cluster_resources(cfg: Config, available: dict) -> None:
@@ -65,16 +79,15 @@ def check_cluster_resources(cfg: Config, available: dict) -> None:
     A resource missing from `available` counts as 0 (Ray omits "GPU" on a CPU-only cluster).
     """
     groups = _groups(cfg)
-    for res in RESOURCES:
+    for res in _resources(groups):
         needed = sum(g.need(res) for g in groups)
         have = float(available.get(res, 0.0))
         if needed <= have + 1e-9:
             continue
         worst = max(groups, key=lambda g: g.need(res))
-        unit = res.lower()
         breakdown = " + ".join(f"{g.name} {_fmt(g.need(res))}" for g in groups)
         raise ResourceError(
             f"{worst.name}: {_fmt(worst.need(res))} {res} needed "
-            f"({worst.count_key}={worst.count} x {worst.name}.num_{unit}s={_fmt(worst.per_actor[res])}), "
+            f"({worst.count_key}={worst.count} x {worst.key(res)}={_fmt(worst.per_actor[res])}), "
             f"cluster has {_fmt(have)} {res} in all ({breakdown} = {_fmt(needed)} needed)"
         )

@@ -8,6 +8,8 @@ attach to a running Ray cluster (RAY_ADDRESS, or `ray start` on this machine) or
 one; check the cluster has the resources the config asks for; start the actors; train; save the
 final policy as a Hugging Face model directory; print a summary table.
 Outputs: <output_dir>/<run_name>/{config.yaml, metrics.jsonl, tensorboard/, final/, summary.json}.
+A key the chosen mode ignores (data.train_path with data.source=synthetic) gets one line on stderr,
+"config warning: <key>: ignored (...)", and the run goes on.
 Exit codes: 0 done; 2 a bad config or data (one line on stderr: "config error: ..."); 1 the run
 stopped on a failure it cannot survive (one line on stderr: "error: ..." with how to resume).
 """
@@ -20,8 +22,8 @@ import os
 import sys
 import time
 
-from system.config import ConfigError, load_config, to_yaml
-from system.metrics import MetricsLogger, summary_table
+from system.config import ConfigError, ignored_keys, load_config, to_yaml
+from system.metrics import MetricsLogger, progress_bar, summary_table
 
 
 def parse_args(argv=None):
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        for line in ignored_keys(cfg):
+            print(f"config warning: {line}", file=sys.stderr, flush=True)
         run_dir = os.path.abspath(os.path.join(cfg.output_dir, cfg.run_name))
         os.makedirs(run_dir, exist_ok=True)
         resolved = to_yaml(cfg)
@@ -100,7 +104,6 @@ def main(argv=None) -> int:
 def train(cfg, model_path: str, run_dir: str) -> int:
     import ray
     from omegaconf import OmegaConf
-    from tqdm import tqdm
     from transformers import AutoTokenizer
 
     from system.data.prompts import load_prompt_sets
@@ -131,10 +134,8 @@ def train(cfg, model_path: str, run_dir: str) -> int:
         try:
             trainer.start_actors()
             print(f"[setup] actors ready in {time.perf_counter() - t0:.1f}s", flush=True)
-            bar = tqdm(total=cfg.trainer.steps, desc="train", disable=not cfg.trainer.progress_bar,
-                       file=sys.stderr)
-            result = trainer.fit(logger, bar)
-            bar.close()
+            with progress_bar(cfg.trainer.steps, cfg.trainer.progress_bar) as bar:
+                result = trainer.fit(logger, bar)
             trainer.save_policy(os.path.join(run_dir, "final"))
         finally:
             trainer.stop_actors()

@@ -25,7 +25,7 @@ import ray
 import torch
 
 from system import checkpoint
-from system.actor_group import ActorGroup
+from system.actor_group import ActorGroup, placement_line
 from system.algo.advantages import group_advantages
 from system.algo.kl import get_kl_mode, kl_in_reward
 from system.config import ConfigError
@@ -75,17 +75,19 @@ class Trainer:
         threads = c.ray.torch_threads
         self.rollout = ActorGroup(
             "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
-            c.rollout.num_gpus, self._rollout_args, env, max_restarts=c.faults.max_actor_restarts)
+            c.rollout.num_gpus, self._rollout_args, env, max_restarts=c.faults.max_actor_restarts,
+            resources=c.rollout.resources)
         self.reference = ActorGroup(
             "reference", "workers.reference:ReferenceWorker", c.reference.num_workers,
             c.reference.num_cpus, c.reference.num_gpus,
             lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
                        {"micro_batch": c.reference.micro_batch}), env,
-            max_restarts=c.faults.max_actor_restarts)
+            max_restarts=c.faults.max_actor_restarts, resources=c.reference.resources)
         n = c.learner.num_ranks
         self.learners = ActorGroup(
             "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
-            lambda r: ((r, n, self.model_path, self._learner_cfg()), {}), env)
+            lambda r: ((r, n, self.model_path, self._learner_cfg()), {}), env,
+            resources=c.learner.resources)
         self.learners.init_collective()
         try:
             self.learners.call("build")
@@ -93,6 +95,7 @@ class Trainer:
             raise ConfigError(str(getattr(err, "cause", err))) from None
         self._init_weight_sync()
         self.faults.record_pids()
+        print(f"[placement] {placement_line(self.rollout, self.reference, self.learners)}", flush=True)
 
     def stop_actors(self) -> None:
         for name in ("rollout", "reference", "learners"):

@@ -135,21 +135,31 @@ def _pod_specs(doc: dict):
 # ---------------------------------------------------------------- the manifests as written
 
 
-@needs_crds
-@pytest.mark.parametrize("name", KUBERAY_FILES)
-def test_kuberay_manifest_is_valid(name):
-    doc = load_one(name)
-    assert doc["apiVersion"] == "ray.io/v1"
-    assert kuberay_errors(doc) == []
+def _is_kuberay(doc: dict) -> bool:
+    return doc["apiVersion"].startswith("ray.io/")
 
 
-def test_pvcs_are_valid_kubernetes():
-    kubernetes_validate = pytest.importorskip(
-        "kubernetes_validate", reason="kubernetes-validate (Kubernetes' OpenAPI schemas, offline) not installed")
-    docs = load_docs("pvc.yaml")
-    assert {d["kind"] for d in docs} == {"PersistentVolumeClaim"}
-    for doc in docs:
-        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+@pytest.mark.parametrize("name", sorted(p.name for p in K8S.glob("*.yaml")))
+def test_every_manifest_is_valid(name):
+    """Every document of every deploy/k8s/*.yaml: KubeRay kinds against the CRDs (strict), the rest
+    (PersistentVolumeClaims) against Kubernetes' own schemas."""
+    for doc in load_docs(name):
+        if _is_kuberay(doc):
+            if CRDS is None:
+                pytest.skip(f"KubeRay CRD schemas not found in {ROOT.parent / 'shared'}")
+            assert doc["apiVersion"] == "ray.io/v1"
+            assert kuberay_errors(doc) == []
+        else:
+            kubernetes_validate = pytest.importorskip(
+                "kubernetes_validate", reason="kubernetes-validate (Kubernetes' schemas) not installed")
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_kuberay_files_lists_every_kuberay_manifest():
+    """The checks below run on KUBERAY_FILES: a new KubeRay manifest must join it."""
+    found = {p.name for p in K8S.glob("*.yaml") if any(_is_kuberay(d) for d in load_docs(p.name))}
+    assert found == set(KUBERAY_FILES)
+    assert {d["kind"] for d in load_docs("pvc.yaml")} == {"PersistentVolumeClaim"}
 
 
 def test_every_claim_the_pods_mount_is_defined_in_pvc_yaml():
@@ -192,6 +202,49 @@ def test_gpu_workers_request_and_limit_the_same_gpus():
                 gpus = res.get("limits", {}).get("nvidia.com/gpu")
                 assert gpus == res.get("requests", {}).get("nvidia.com/gpu"), (name, group)
                 assert (group == "head") == (gpus is None), (name, group)
+
+
+# ---------------------------------------------------------------- token authentication
+
+AUTH_SECRET = "grpo-ray-token"  # the Secret deploy/README.md creates; KubeRay reads key auth_token
+TOKEN_FROM_SECRET = {"secretKeyRef": {"name": AUTH_SECRET, "key": "auth_token"}}
+
+
+def _ray_containers(name: str):
+    """(group, container) for every container that talks to Ray: head, workers, the submitter."""
+    doc = load_one(name)
+    for group, pod in _pod_specs(doc):
+        for container in pod["containers"]:
+            yield group, container
+    submitter = doc["spec"].get("submitterPodTemplate")
+    if doc["kind"] == "RayJob":
+        assert submitter, "a RayJob without submitterPodTemplate gets a submitter without the token"
+        yield "submitter", submitter["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("name", KUBERAY_FILES)
+def test_clusters_turn_token_auth_on_with_the_secret(name):
+    doc = load_one(name)
+    cluster = doc["spec"]["rayClusterSpec"] if doc["kind"] == "RayJob" else doc["spec"]
+    assert cluster["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET}
+
+
+@pytest.mark.parametrize("name", KUBERAY_FILES)
+def test_head_workers_and_submitter_read_the_token_from_the_secret(name):
+    seen = set()
+    for group, container in _ray_containers(name):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (name, group)
+        assert env.get("RAY_AUTH_TOKEN", {}).get("valueFrom") == TOKEN_FROM_SECRET, (name, group)
+        assert "value" not in env["RAY_AUTH_TOKEN"], (name, group)  # never a literal token
+        seen.add(group)
+    assert "head" in seen and len(seen) >= 2
+
+
+def test_readme_creates_the_secret_the_manifests_name():
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert f"kubectl create secret generic {AUTH_SECRET} --from-literal=auth_token=" in readme
+    assert "RAY_AUTH_TOKEN=$(kubectl get secret " + AUTH_SECRET in readme  # submitting from outside
 
 
 # ---------------------------------------------------------------- the entrypoint
@@ -272,6 +325,10 @@ def _rayjob_breakages():
         ("emptyDir.mediun", lambda d: _rename(worker(d)["template"]["spec"]["volumes"][0]["emptyDir"],
                                               "medium", "mediun"), "'mediun'"),
         ("unknown submissionMode", lambda d: d["spec"].update(submissionMode="K8sJob"), "spec.submissionMode"),
+        ("authOptions.mode tokens", lambda d: d["spec"]["rayClusterSpec"]["authOptions"].update(mode="tokens"),
+         "'tokens' is not one of"),
+        ("authOption", lambda d: _rename(d["spec"]["rayClusterSpec"], "authOptions", "authOption"),
+         "'authOption'"),
     ]
 
 

@@ -99,22 +99,37 @@ def test_repo_upload_stays_small():
     assert not any(".venv" in p.parts or "outputs" in p.parts for p in files)
 
 
-def _run_submit(tmp_path: Path, *args: str, env_extra=None) -> list:
-    """Run submit.sh from tmp_path with a stand-in `ray` that records its argv and working
-    directory; check it ran in the repo root (what `--working-dir .` uploads); return the argv."""
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _submit_env(tmp_path: Path, env_extra=None) -> dict:
+    """The caller's environment without Ray's address and auth settings, HOME an empty folder (no
+    ~/.ray/auth_token), then env_extra."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", *AUTH_VARS)}
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    env["HOME"] = str(home)
+    env.update(env_extra or {})
+    return env
+
+
+def _run_submit(tmp_path: Path, *args: str, env_extra=None, with_argv_env=False):
+    """Run submit.sh from tmp_path with a stand-in `ray` that records its argv, working directory
+    and auth env; check it ran in the repo root (what `--working-dir .` uploads); return the argv
+    (and the auth env it saw when with_argv_env). A token is set unless env_extra says otherwise."""
     record = tmp_path / "argv.json"
     fake = tmp_path / "bin" / "ray"
     fake.parent.mkdir(exist_ok=True)
     fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump([os.getcwd()] + sys.argv[1:], open({str(record)!r}, 'w'))\n")
+                    f"env = {{k: os.environ.get(k) for k in {AUTH_VARS!r}}}\n"
+                    f"json.dump([os.getcwd(), env] + sys.argv[1:], open({str(record)!r}, 'w'))\n")
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    env = {**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("RAY_ADDRESS", None)
-    env.update(env_extra or {})
+    env = _submit_env(tmp_path, {"RAY_AUTH_TOKEN": "t0ken", **(env_extra or {})})
+    env["PATH"] = f"{fake.parent}{os.pathsep}{os.environ['PATH']}"
     subprocess.run(["bash", str(SUBMIT), *args], check=True, env=env, cwd=tmp_path, timeout=60)
-    cwd, *argv = json.loads(record.read_text())
+    cwd, auth_env, *argv = json.loads(record.read_text())
     assert Path(cwd).resolve() == ROOT
-    return argv
+    return (argv, auth_env) if with_argv_env else argv
 
 
 def _check_train_command(entrypoint: list) -> None:
@@ -144,6 +159,37 @@ def test_submit_script_passes_config_and_overrides(tmp_path):
 def test_submit_script_takes_the_address_from_ray_address(tmp_path):
     argv = _run_submit(tmp_path, env_extra={"RAY_ADDRESS": "http://head.example:8265"})
     assert argv[argv.index("--address") + 1] == "http://head.example:8265"
+
+
+def test_submit_script_sends_the_token_in_token_mode(tmp_path):
+    """Ray's CLI attaches the token only when RAY_AUTH_MODE=token; submit.sh sets it by default."""
+    _, env = _run_submit(tmp_path, with_argv_env=True)
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "t0ken"
+    token_file = tmp_path / "home" / ".ray" / "auth_token"  # the file a local ray.init writes
+    token_file.parent.mkdir(parents=True)
+    token_file.write_text("from-file")
+    _, env = _run_submit(tmp_path, with_argv_env=True, env_extra={"RAY_AUTH_TOKEN": ""})
+    assert env["RAY_AUTH_MODE"] == "token"
+
+
+def test_submit_script_without_a_token_stops_with_one_line(tmp_path):
+    fake = tmp_path / "bin" / "ray"  # must not be reached
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\necho called > {tmp_path / 'called'}\n")
+    fake.chmod(0o755)
+    env = _submit_env(tmp_path)
+    env["PATH"] = f"{fake.parent}{os.pathsep}{os.environ['PATH']}"
+    done = subprocess.run(["bash", str(SUBMIT)], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2
+    assert len(done.stderr.strip().splitlines()) == 1 and "RAY_AUTH_TOKEN" in done.stderr
+    assert not (tmp_path / "called").exists()
+
+
+def test_submit_script_leaves_an_explicit_disabled_mode(tmp_path):
+    _, env = _run_submit(tmp_path, with_argv_env=True,
+                         env_extra={"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": ""})
+    assert env["RAY_AUTH_MODE"] == "disabled"
 
 
 def _dockerfile_arg(name: str) -> str:

@@ -62,3 +62,29 @@ def test_cpu_shortfall_is_reported_with_cpu_keys():
         check_cluster_resources(cfg, {"CPU": 2.0, "GPU": 0.0})
     assert str(err.value).startswith("rollout: 3 CPU needed (rollout.num_workers=1 x rollout.num_cpus=3)")
     assert "cluster has 2 CPU in all (rollout 3 + reference 0.5 + learner 1 = 4.5 needed)" in str(err.value)
+
+
+def test_custom_resources_place_groups_and_are_checked_like_cpus():
+    """`<group>.resources` asks each actor for a custom resource that only tagged nodes hold (`ray
+    start --resources='{"learner_node": 1}'`): it is summed and checked, and a missing one named."""
+    cfg = _cfg("learner.resources={learner_node: 0.5}", "rollout.resources={sampler_node: 0.25}",
+               "reference.resources={sampler_node: 0.25}")
+    assert required_resources(cfg) == {"CPU": 2.0, "GPU": 0.0, "learner_node": 1.0, "sampler_node": 0.5}
+    check_cluster_resources(cfg, {"CPU": 2.0, "learner_node": 1.0, "sampler_node": 1.0})
+    with pytest.raises(ResourceError) as err:
+        check_cluster_resources(cfg, {"CPU": 8.0, "sampler_node": 1.0})
+    assert str(err.value) == (
+        "learner: 1 learner_node needed (learner.num_ranks=2 x learner.resources.learner_node=0.5), "
+        "cluster has 0 learner_node in all (rollout 0 + reference 0 + learner 1 = 1 needed)")
+
+
+@pytest.mark.parametrize("override,reason", [
+    ("learner.resources={GPU: 1}", "own keys"),
+    ("rollout.resources={sampler_node: 0}", "amounts > 0"),
+    ("reference.resources={sampler_node: yes}", "amounts > 0"),
+])
+def test_bad_custom_resources_name_the_key(override, reason):
+    from system.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}: .*{reason}"):
+        _cfg(override)

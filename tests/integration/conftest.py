@@ -1,7 +1,11 @@
 """Shared helpers: trainers built on the session's Ray cluster (the `ray_cluster` fixture is in
-tests/conftest.py, shared with tests/faults)."""
+tests/conftest.py, shared with tests/faults), and ending every process of a session that a test
+started for a Ray cluster of its own (test_job_submit.py, test_multinode.py)."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import pytest
 
@@ -37,3 +41,38 @@ def build_trainer(tmp_path, overrides=()):
 def stop_trainer(trainer) -> None:
     trainer.rewards.close()
     trainer.stop_actors()
+
+
+def session_processes(sid: int) -> list:
+    """Live processes in session `sid`, and their descendants (a job's driver may start its own
+    session). Zombies are left out: they are already dead, waiting for init to reap them."""
+    import psutil
+
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
+                found[proc.pid] = proc
+                found.update({child.pid: child for child in proc.children(recursive=True)})
+        except (OSError, psutil.Error):
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_session(sid: int) -> None:
+    """SIGKILL the head's processes by pid, as `ray stop --force` would (gcs_server and raylet sit
+    out a SIGTERM for many seconds), and wait until they are gone."""
+    import psutil
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        procs = session_processes(sid)
+        if not procs:
+            return
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        time.sleep(0.5)

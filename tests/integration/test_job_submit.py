@@ -3,22 +3,26 @@
     pytest tests/integration/test_job_submit.py -m slow
 
 Steps: (1) start a head with `ray start --head` on free ports, in a temp dir of its own and a
-session of its own; (2) submit with the same flags as deploy/ray/submit.sh plus --no-wait;
-(3) poll the job through Ray's JobSubmissionClient until it ends, print its logs if it failed;
-(4) stop the head by killing that session's processes.
+session of its own, with Ray's token authentication on and a token of its own; (2) submit with the
+same flags and auth settings as deploy/ray/submit.sh plus --no-wait; (3) poll the job through Ray's
+JobSubmissionClient (with the token) until it ends, print its logs if it failed; (4) stop the head
+by killing that session's processes.
 
 Teardown does not call `ray stop --force`: it kills every Ray process on the machine, including
 other users' and other tests' clusters. Every process of our head shares the session started for
 `ray start` (Ray does not setsid its daemons), so we end exactly those, plus their descendants.
 
-test_trivial_job_succeeds checks the deploy path alone (upload, runtime env, entrypoint, status);
-test_debug_training_job_succeeds runs two training steps of configs/debug.yaml through it.
+test_submission_without_the_token_is_refused checks that the head refuses a submission with no
+token or a wrong one; test_trivial_job_succeeds checks the deploy path alone with the token (upload,
+runtime env, entrypoint, status); test_debug_training_job_succeeds runs two training steps of
+configs/debug.yaml through it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -30,6 +34,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+
+from tests.integration.conftest import session_processes, stop_session
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the virtualenv's bin: ray, and the `python` jobs run
@@ -54,16 +60,20 @@ def _ray_cli() -> str:
     return str(found)
 
 
-def _ray_env() -> dict:
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _ray_env(token: str = "") -> dict:
     """Environment for the head and the CLI: this venv's python first on PATH (jobs run `python`),
-    no RAY_ADDRESS from the caller, no usage-stats prompt, and token auth off. Ray >= 2.5x turns
-    token auth on for `ray start` whenever ~/.ray/auth_token exists (any earlier local ray.init()
-    writes one), and this process's JobSubmissionClient would then get 401s; a head bound to
-    127.0.0.1 for one test does not need it, and the result must not depend on that file."""
+    no RAY_ADDRESS from the caller, no usage-stats prompt; with a token, token auth on with it (as
+    deploy/ray/submit.sh sets it), else no auth settings at all. The token is passed explicitly, so
+    the result does not depend on ~/.ray/auth_token (any earlier local ray.init() writes one)."""
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", *AUTH_VARS):
         env.pop(key, None)
+    if token:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     return env
 
 
@@ -77,47 +87,13 @@ def _temp_dir(tmp_path: Path) -> tuple:
     return Path(tempfile.mkdtemp(prefix="rayjt-", dir="/tmp")), True
 
 
-def _session_processes(sid: int) -> list:
-    """Live processes in session `sid`, and their descendants (a job's driver may start its own
-    session). Zombies are left out: they are already dead, waiting for init to reap them."""
-    import psutil
-
-    found = {}
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid and proc.status() != psutil.STATUS_ZOMBIE:
-                found[proc.pid] = proc
-                found.update({child.pid: child for child in proc.children(recursive=True)})
-        except (OSError, psutil.Error):
-            continue
-    found.pop(os.getpid(), None)
-    return list(found.values())
-
-
-def _stop_session(sid: int) -> None:
-    """SIGKILL the head's processes by pid, as `ray stop --force` would (gcs_server and raylet sit
-    out a SIGTERM for many seconds), and wait until they are gone."""
-    import psutil
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        procs = _session_processes(sid)
-        if not procs:
-            return
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        time.sleep(0.5)
-
-
 class RayHead:
     """A Ray head started with `ray start --head` on 127.0.0.1, in a session of its own."""
 
     def __init__(self, tmp_path: Path):
         self.cli = _ray_cli()
-        self.env = _ray_env()
+        self.token = secrets.token_hex(16)
+        self.env = _ray_env(self.token)
         self.temp_dir, self._own_temp = _temp_dir(tmp_path)
         self.gcs_port, self.dashboard_port = _free_port(), _free_port()
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
@@ -150,19 +126,27 @@ class RayHead:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                return JobSubmissionClient(self.address)
+                # the header explicitly: this process's own auth mode depends on earlier tests
+                return JobSubmissionClient(self.address, headers={"Authorization": f"Bearer {self.token}"})
             except Exception:  # the job server comes up a little after `ray start` returns
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1)
 
-    def submit(self, *entrypoint: str) -> str:
-        """Submit like deploy/ray/submit.sh, with --no-wait; return the submission id."""
+    def try_submit(self, *entrypoint: str, env=None) -> tuple:
+        """`ray job submit` like deploy/ray/submit.sh, with --no-wait and `env` (default: with the
+        token); return (submission id, the finished process)."""
         submission_id = f"jobtest-{uuid.uuid4().hex[:8]}"
         cmd = [self.cli, "job", "submit", "--address", self.address, "--submission-id", submission_id,
                "--working-dir", ".", "--runtime-env", "deploy/ray/runtime_env.yaml", "--no-wait",
                "--", *entrypoint]
-        done = subprocess.run(cmd, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=180)
+        done = subprocess.run(cmd, cwd=ROOT, env=env or self.env, capture_output=True, text=True,
+                              timeout=180)
+        return submission_id, done
+
+    def submit(self, *entrypoint: str) -> str:
+        """Submit with the token; return the submission id."""
+        submission_id, done = self.try_submit(*entrypoint)
         assert done.returncode == 0, f"ray job submit failed:\n{done.stdout}\n{done.stderr}"
         return submission_id
 
@@ -185,7 +169,7 @@ class RayHead:
 
     def stop(self) -> None:
         if self.sid is not None:
-            _stop_session(self.sid)
+            stop_session(self.sid)
         if self._own_temp:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -207,10 +191,30 @@ def test_ray_head_starts_and_stops_cleanly(tmp_path):
     head = RayHead(tmp_path)
     try:
         head.start()
-        assert _session_processes(head.sid), "ray start left no processes in its session"
+        assert session_processes(head.sid), "ray start left no processes in its session"
     finally:
         head.stop()
-    assert _session_processes(head.sid) == []
+    assert session_processes(head.sid) == []
+
+
+@pytest.mark.timeout(300)
+def test_submission_without_the_token_is_refused(ray_head, tmp_path):
+    """Token auth is on: `ray job submit` with no token (no RAY_AUTH_*, a HOME without
+    ~/.ray/auth_token) gets 401, a submission with a wrong token 403 (straight to the REST endpoint
+    the CLI posts to: a second CLI start costs ~10 s here), and neither leaves a job behind."""
+    import requests
+
+    (tmp_path / "home").mkdir()
+    submission_id, done = ray_head.try_submit("python", "-c", "print('ran')",
+                                              env={**_ray_env(), "HOME": str(tmp_path / "home")})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "Missing authentication token" in output, output
+    wrong = requests.post(f"{ray_head.address}/api/jobs/", timeout=30,
+                          json={"entrypoint": "echo ran", "submission_id": "jobtest-wrong-token"},
+                          headers={"Authorization": f"Bearer {secrets.token_hex(16)}"})
+    assert wrong.status_code == 403 and "Invalid authentication token" in wrong.text
+    jobs = {job.submission_id for job in ray_head.client.list_jobs()}
+    assert not jobs & {submission_id, "jobtest-wrong-token"}
 
 
 @pytest.mark.timeout(600)
@@ -227,6 +231,18 @@ def test_trivial_job_succeeds(ray_head):
     assert report["unbuffered"] == "1"  # env_vars from deploy/ray/runtime_env.yaml
     assert {"system", "workers", "configs", "deploy"} <= set(report["entries"])  # the repo arrived
     assert not {".venv", "outputs", ".cache", ".git"} & set(report["entries"])  # excludes held
+
+
+@pytest.mark.timeout(300)
+def test_relative_output_dir_stops_the_job_at_start(ray_head):
+    """Without output_dir the run would write into Ray's copy of the working dir (deleted with the
+    session): the driver stops at once, with one line that says what to pass."""
+    submission_id = ray_head.submit("python", "-m", "system.train", "--config", "configs/debug.yaml")
+    assert ray_head.wait(submission_id, timeout_s=240) == "FAILED"
+    logs = ray_head.client.get_job_logs(submission_id)
+    errors = [l for l in logs.splitlines() if l.startswith("config error:")]
+    assert len(errors) == 1 and errors[0].startswith("config error: output_dir: 'outputs' is /"), errors
+    assert "runtime_resources/working_dir_files" in errors[0] and "absolute path on shared storage" in errors[0]
 
 
 @pytest.mark.timeout(JOB_TIMEOUT_S + 120)

@@ -87,3 +87,51 @@ def test_cli_prints_one_line_error_and_exit_code(capsys):
     assert main(["--config", DEBUG, "rollout.group_size=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "config error: rollout.group_size: must be >= 2 (group advantages need a group)"
+
+
+def test_output_dir_inside_rays_working_dir_copy_is_refused(tmp_path, monkeypatch):
+    """`ray job submit --working-dir` runs the driver in Ray's per-session copy of the working dir:
+    a relative output_dir (the default too) would land there and vanish with the session."""
+    import os
+
+    debug = os.path.abspath(DEBUG)
+    copy = tmp_path / "session_2026-01-01_00-00-00_000000_1" / "runtime_resources" / "working_dir_files"
+    (copy / "_ray_pkg_0123abcd").mkdir(parents=True)
+    monkeypatch.chdir(copy / "_ray_pkg_0123abcd")
+    for overrides in ([], ["output_dir=outputs"], [f"output_dir={copy / 'out'}"]):
+        with pytest.raises(ConfigError) as err:
+            load_config(debug, overrides)
+        message = str(err.value)
+        assert message.startswith("output_dir: ") and "\n" not in message
+        assert "absolute path on shared storage" in message
+    # an absolute path elsewhere is fine; so is the default outside such a copy
+    assert load_config(debug, [f"output_dir={tmp_path / 'out'}"]).output_dir == str(tmp_path / "out")
+    monkeypatch.chdir(tmp_path)
+    assert load_config(debug).output_dir == "outputs"
+
+
+def test_keys_the_mode_ignores_get_one_warning_each():
+    from system.config import ignored_keys
+
+    # the shipped configs are quiet, debug.yaml's vllm settings under backend=hf included
+    for path in (DEBUG, "configs/qwen2.5-0.5b-gsm8k.yaml", "configs/qwen2.5-1.5b-math.yaml"):
+        assert ignored_keys(load_config(path)) == [], path
+    warned = ignored_keys(load_config(DEBUG, ["data.train_path=/data/train.jsonl", "reward.timeout_s=3"]))
+    assert [w.split(":")[0] for w in warned] == ["data.train_path", "reward.timeout_s"]
+    assert warned[0].startswith("data.train_path: ignored with data.source=synthetic (")
+    # a key set to its default is not "set"; the same key is used (no warning) in the mode that reads it
+    assert ignored_keys(load_config(DEBUG, ['data.train_path=""', "data.template=plain"])) == []
+    assert ignored_keys(load_config(DEBUG, ["reward.num_workers=2", "reward.timeout_s=3"])) == []
+
+
+def test_cli_prints_the_warning_and_goes_on(tmp_path, capsys):
+    from system.train import main
+
+    # a file-source config whose model directory is missing: the warning comes first, then the error
+    code = main(["--config", "configs/qwen2.5-0.5b-gsm8k.yaml", f"output_dir={tmp_path}",
+                 f"model.path={tmp_path / 'no-model'}", "model.debug_cache=/elsewhere"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 2
+    assert err[0] == ("config warning: model.debug_cache: ignored with model.path other than debug "
+                      "(only model.path=debug builds the debug model)")
+    assert err[1].startswith("config error: model.path:")

@@ -1,12 +1,15 @@
-"""Run outputs: metrics.jsonl records, truncation on resume, TensorBoard events."""
+"""Run outputs: metrics.jsonl records, truncation on resume, TensorBoard events, the console."""
 
 from __future__ import annotations
 
+import io
 import json
+import sys
+import threading
 
 import pytest
 
-from system.metrics import MetricsLogger, summary_table
+from system.metrics import MetricsLogger, progress_bar, summary_table
 
 
 def test_records_truncation_on_resume_and_tensorboard(tmp_path):
@@ -55,3 +58,64 @@ def test_learner_steps_combine_over_ranks_as_one_rank_would():
     assert "tokens" not in out
     with pytest.raises(KeyError, match="new_stat"):
         reduce_learner_steps([[{"tokens": 1, "new_stat": 0.0}]])
+
+
+class _Terminal(io.StringIO):
+    """One terminal for stdout and stderr, as a console shows them."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def _screen(text: str) -> list:
+    """The rows a terminal shows for `text`: \\r returns to column 0 and overwrites, \\n starts a row,
+    ESC[A moves up a row (tqdm's cursor moves)."""
+    rows, r, c, i = [[]], 0, 0, 0
+    while i < len(text):
+        if text.startswith("\x1b[A", i):
+            r, i = max(r - 1, 0), i + 3
+            continue
+        ch, i = text[i], i + 1
+        if ch == "\r":
+            c = 0
+        elif ch == "\n":
+            r, c = r + 1, 0
+            rows += [[] for _ in range(r + 1 - len(rows))]
+        else:
+            rows[r] += [" "] * (c + 1 - len(rows[r]))
+            rows[r][c], c = ch, c + 1
+    return ["".join(row).rstrip() for row in rows]
+
+
+def test_console_lines_never_share_a_row_with_the_progress_bar(monkeypatch):
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stdout", term)
+    monkeypatch.setattr(sys, "stderr", term)
+    lines = [f"step {s}/4 | reward 0.500" for s in range(1, 5)]
+    lines += ["(Actor pid=1) from a thread", "warning: on stderr", "[eval] x"]
+    with progress_bar(4) as bar:
+        assert not bar.disable
+        for step in range(1, 5):
+            print(lines[step - 1], flush=True)
+            bar.update(1)
+        # Ray forwards actor output from a thread of its own; a line may come in pieces
+        actor = threading.Thread(target=lambda: (print("(Actor pid=1) from", end=""), print(" a thread")))
+        actor.start()
+        actor.join()
+        print("warning: on stderr", file=sys.stderr)
+        print("[eval] x")
+    rows = _screen(term.getvalue())
+    for line in lines:
+        assert line in rows, (line, rows)  # whole, and alone on its row
+    assert not any("train:" in row and ("step" in row or "Actor" in row) for row in rows), rows
+    assert any(row.startswith("train: 100%") for row in rows)
+
+
+def test_no_bar_off_a_terminal_and_prints_untouched(monkeypatch, capsys):
+    with progress_bar(4) as bar:  # capsys: not a terminal, as in a job log
+        print("step 1/4")
+        bar.update(1)
+    assert bar.disable and sys.stdout is not None
+    assert capsys.readouterr() == ("step 1/4\n", "")
+    with progress_bar(4, enabled=False) as bar:
+        assert bar.disable
