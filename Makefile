@@ -25,7 +25,7 @@ run: install
 	$(PY) -m system.train --config configs/debug.yaml
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) .cache outputs
