@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from system.algo.kl import KL_MODES
 from system.algo.losses import AGGREGATIONS
+from system.algo.off_policy import CORRECTIONS, MIS_LEVELS, PI_OLD
 
 
 class ConfigError(ValueError):
@@ -121,6 +122,12 @@ class AlgoConfig:
     dual_clip: Optional[float] = None  # dual-clip constant c > 1 for negative advantages
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     scale_by_std: bool = True  # divide advantages by the group std (False: Dr.GRPO)
+    # off-policy samples (system/algo/off_policy.py has the formulas):
+    pi_old: str = "sampler"  # sampler (ratio pi_theta / pi_sampler) | proximal (decoupled: clip against the learner's own pi_old)
+    rollout_correction: str = "none"  # none | tis | mis: weight pi_prox / pi_sampler on the pg term (needs pi_old=proximal)
+    tis_cap: float = 2.0  # tis: weight min(pi_prox / pi_sampler, C) (C = 2: verl's threshold, the TIS write-up)
+    mis_bounds: list = field(default_factory=lambda: [0.5, 2.0])  # mis: keep tokens whose ratio is in [lo, hi]
+    mis_level: str = "token"  # mis: token (mask tokens) | sequence (the sequence's ratio product masks it whole)
     kl: KLConfig = field(default_factory=KLConfig)  # KL regulariser
 
 
@@ -128,7 +135,7 @@ class AlgoConfig:
 class TrainerConfig:
     steps: int = 10  # training steps (one batch of prompts each)
     prompts_per_step: int = 16  # B: prompts per step
-    rollout_ahead: int = 1  # 1: sample step k+1 while the learner updates on step k (0: on-policy)
+    rollout_ahead: int = 1  # k: up to k samples in flight, each learned <= k policy versions after it was drawn (0: on-policy)
     resume: str = "none"  # none | auto | a checkpoint directory
     progress_bar: bool = True  # tqdm progress bar on a terminal console, console lines printed above it
 
@@ -309,18 +316,19 @@ def validate(cfg: Config) -> None:
     _check(a.aggregation in AGGREGATIONS, "algo.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     _check(a.kl.mode in KL_MODES, "algo.kl.mode", f"must be one of {', '.join(KL_MODES)}")
     _check(a.kl.coef >= 0, "algo.kl.coef", "must be >= 0 (a negative KL coefficient rewards drift)")
+    _validate_off_policy(cfg)
 
     t = cfg.trainer
     _check(t.steps >= 1, "trainer.steps", "must be >= 1")
     _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
-    _check(t.rollout_ahead in (0, 1), "trainer.rollout_ahead", "must be 0 or 1")
-    # the sampler's log-probs are pi_old: they must be of the learner's distribution, which is the
-    # tempered one (any rollout.temperature) but never truncated
-    if t.rollout_ahead:
+    _check(t.rollout_ahead >= 0, "trainer.rollout_ahead", "must be >= 0 (0: on-policy)")
+    # the sampler's log-probs enter the loss (pi_old, or the correction's weight): they must be of
+    # the learner's distribution, which is the tempered one (any rollout.temperature) but never truncated
+    if uses_sampler_logprobs(cfg):
         _check(r.top_p == 1.0, "rollout.top_p",
-               f"is {r.top_p:g}; trainer.rollout_ahead=1 needs 1.0 (the sampler's log-probs are the "
-               f"importance ratio's pi_old, of the untruncated distribution): set "
-               f"trainer.rollout_ahead=0 to use nucleus sampling")
+               f"is {r.top_p:g}; trainer.rollout_ahead={t.rollout_ahead} and algo.pi_old="
+               f"{a.pi_old} need 1.0 (the sampler's log-probs enter the loss, of the untruncated "
+               f"distribution): set trainer.rollout_ahead=0 to use nucleus sampling")
     samples = t.prompts_per_step * r.group_size
     _check(samples % (lr.num_ranks * lr.minibatches) == 0, "trainer.prompts_per_step",
            f"prompts_per_step * group_size = {samples} must divide evenly into "
@@ -335,6 +343,27 @@ def validate(cfg: Config) -> None:
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
     _validate_placement(cfg)
     _validate_faults(cfg)
+
+
+def uses_sampler_logprobs(cfg: Config) -> bool:
+    """Whether the sampler's own log-probs enter the loss: as pi_old (a sample drawn ahead, by an
+    older policy) or as the denominator of the proximal objective's weight."""
+    return cfg.trainer.rollout_ahead > 0 or cfg.algo.pi_old == "proximal"
+
+
+def _validate_off_policy(cfg: Config) -> None:
+    a = cfg.algo
+    _check(a.pi_old in PI_OLD, "algo.pi_old", f"must be one of {', '.join(PI_OLD)}")
+    _check(a.rollout_correction in CORRECTIONS, "algo.rollout_correction",
+           f"must be one of {', '.join(CORRECTIONS)}")
+    if a.rollout_correction != "none":
+        _check(a.pi_old == "proximal", "algo.rollout_correction",
+               f"{a.rollout_correction} weighs pi_prox / pi_sampler and needs algo.pi_old=proximal "
+               f"(with pi_old=sampler the ratio pi_theta / pi_sampler already divides by the sampler)")
+    _check(a.tis_cap >= 1, "algo.tis_cap", "must be >= 1 (a cap below 1 shrinks even on-policy tokens)")
+    _check(len(a.mis_bounds) == 2 and 0 <= a.mis_bounds[0] <= 1 <= a.mis_bounds[1]
+           and a.mis_bounds[0] < a.mis_bounds[1], "algo.mis_bounds", "must be [lo, hi] with 0 <= lo <= 1 <= hi, lo < hi")
+    _check(a.mis_level in MIS_LEVELS, "algo.mis_level", f"must be one of {', '.join(MIS_LEVELS)}")
 
 
 def _validate_placement(cfg: Config) -> None:
@@ -384,6 +413,10 @@ IGNORED_KEYS = [
        "only model.path=debug builds the debug model") for k in ("debug_cache", "debug_settings")],
     ("reward.timeout_s", lambda c: c.reward.num_workers == 0, "reward.num_workers=0",
      "rewards are scored in the driver, without a time limit"),
+    ("algo.tis_cap", lambda c: c.algo.rollout_correction != "tis", "algo.rollout_correction other than tis",
+     "no truncated importance weight"),
+    *[(f"algo.{k}", lambda c: c.algo.rollout_correction != "mis", "algo.rollout_correction other than mis",
+       "no token is masked") for k in ("mis_bounds", "mis_level")],
     ("checkpoint.keep", lambda c: c.checkpoint.every == 0, "checkpoint.every=0", "no checkpoints are saved"),
     ("logging.wandb_project", lambda c: not c.logging.wandb, "logging.wandb=false", "nothing goes to W&B"),
 ]

@@ -7,7 +7,7 @@ What happens on each failure (the Trainer routes every step, sync and evaluation
    rollout worker cannot rejoin the old weight-sync group, so every member (learner rank 0 and all
    rollout workers) builds a fresh one on a new port, the current weights are sent and the
    versions checked; the interrupted step is retried from the prompt sampler's state at its
-   start (an in-flight rollout_ahead sample is dropped). Restarts are counted (metric
+   start (the in-flight rollout_ahead samples are dropped). Restarts are counted (metric
    `actor_restarts`, for the whole run); past faults.max_actor_restarts in one submission the
    run saves a checkpoint and stops. A lost node is the same case: Ray moves the worker's
    placement bundle to a node that can hold it and restarts it there. Each recovery logs its
@@ -109,8 +109,7 @@ class FaultHandler:
         """train_step(step), retried from the same prompts after a rollout/reference restart."""
         t = self.t
         while True:
-            start = t._pending[2] if t._pending else t.sampler.state_dict()
-            version = t.version
+            start, version = t.inflight.data_position(t.sampler.state_dict()), t.version
             try:
                 metrics = t.train_step(step)
                 break
@@ -119,8 +118,8 @@ class FaultHandler:
             except Exception as err:  # noqa: BLE001 - recover() re-raises what it cannot handle
                 if t.version != version:  # it escaped sync(), after the update: never learn twice
                     raise
+                t.inflight.clear()  # this step's sample too, taken out already
                 t.sampler.load_state_dict(start)
-                t._pending = None
                 self.recover(err, f"step {step}")
         self._count_nonfinite(step, metrics)
         return {**metrics, "actor_restarts": self.restarts_total,
@@ -218,9 +217,7 @@ class FaultHandler:
         """A restarted process cannot rejoin the old gloo/NCCL group: every member builds a new
         one on a new port; then (resync) the current weights go out and the versions must match."""
         t = self.t
-        if t._pending:  # sampled, in part, by a process that is gone
-            t.sampler.load_state_dict(t._pending[2])
-            t._pending = None
+        t.drop_inflight()  # sampled, in part, by a process that is gone
         t._init_weight_sync()
         if resync:
             self.sync()

@@ -87,7 +87,8 @@ LEARNER_REDUCTIONS = {
     "kl": "token_mean", "kl_full": "token_mean", "kl_k3": "token_mean", "entropy": "token_mean",
     "clip_frac": "token_mean", "dual_clip_frac": "token_mean", "ratio_mean": "token_mean",
     "behavior_logp_gap": "token_mean",
-    "ratio_min": "min", "ratio_max": "max",
+    "mismatch_logratio_mean": "token_mean", "mismatch_kl": "token_mean", "corrected_frac": "token_mean",
+    "ratio_min": "min", "ratio_max": "max", "mismatch_logratio_max": "max",
     "grad_norm": "global",
     "tokens": "weight",  # the token_mean weights; not logged
 }

@@ -8,8 +8,10 @@ One step (`train_step`):
 4. learners compute pi_old / pi_ref log-probs, the driver turns rewards into group advantages
    (KL folded into the reward first in `reward` mode), learners run mu epochs of minibatches;
 5. learner rank 0 broadcasts the new weights; rollout workers load them and the checksums match.
-With trainer.rollout_ahead=1, steps 1 and 3 of step k+1 are launched before step 4 of step k, so
-sampling and the reference forward run during the learners' update (pi_old = the sampler's log-probs).
+With trainer.rollout_ahead=k, steps 1 and 3 of steps s+1 .. s+k are launched before step 4 of step s
+(system/inflight.py: each sample tagged with the version that draws it, learned at most k versions
+later), so sampling and the reference forward run during the learners' update; algo.pi_old says
+which policy the ratio divides by (system/algo/off_policy.py).
 Steps, syncs and evaluations go through system/faults.py, which recovers from a rollout/reference
 worker restart (the step is redone) and stops the run clearly on what cannot be survived.
 """
@@ -28,10 +30,11 @@ from system import checkpoint
 from system.actor_group import ActorGroup, placement_line
 from system.algo.advantages import group_advantages
 from system.algo.kl import get_kl_mode, kl_in_reward
-from system.config import ConfigError
+from system.config import ConfigError, uses_sampler_logprobs
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.prompts import PromptSampler, PromptSets
 from system.faults import ChecksumMismatch, FaultHandler
+from system.inflight import InFlight, InFlightQueue
 from system.metrics import reduce_learner_steps
 
 
@@ -48,7 +51,7 @@ class Phases:
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
-PENDING = "pending_sample.pt"  # a checkpoint's rollout_ahead sample, drawn but not yet learned from
+PENDING = "pending_sample.pt"  # a checkpoint's rollout_ahead samples, drawn but not yet learned from
 
 
 def _chunks(items: list, n: int) -> list[list]:
@@ -64,7 +67,7 @@ class Trainer:
         self.sampler = PromptSampler(prompts.train, cfg.data.seed)
         self.kl_mode = get_kl_mode(cfg.algo.kl.mode)
         self.version = 0
-        self._pending = None  # rollout_ahead: _sample_step() of the next step, in flight
+        self.inflight = InFlightQueue(cfg.trainer.rollout_ahead)  # samples of the next steps
         self.faults = FaultHandler(self)
         self.start_eval = None  # the start-of-run evaluation, once known (checkpoints carry it)
 
@@ -129,6 +132,9 @@ class Trainer:
                 "micro_batch": rows // (lr.num_ranks * lr.minibatches), "grad_clip": lr.grad_clip,
                 "zero_stage": lr.zero_stage, "chunk_size": lr.chunk_size,
                 "minibatches": lr.minibatches, "epochs": lr.epochs, "kl_mode": c.algo.kl.mode,
+                "pi_old": c.algo.pi_old, "rollout_correction": c.algo.rollout_correction,
+                "tis_cap": c.algo.tis_cap, "mis_bounds": list(c.algo.mis_bounds),
+                "mis_level": c.algo.mis_level,
                 "kl_coef": c.algo.kl.coef, "clip_low": c.algo.clip_low,
                 "clip_high": c.algo.clip_high, "dual_clip": c.algo.dual_clip,
                 "aggregation": c.algo.aggregation, "max_len": c.rollout.max_new_tokens,
@@ -186,18 +192,33 @@ class Trainer:
     def generate(self, prompt_ids: list[list[int]], n: int, **kwargs) -> list[list[int]]:
         return self.collect(self.launch_generate(prompt_ids, n, **kwargs))[0]
 
-    def _sample_step(self, step: int) -> tuple:
-        """Take the prompts of `step` and start sampling them and their reference forward: (rows,
-        pending sample, data position before the rows were taken, pending reference rows)."""
+    def _sample_step(self, step: int) -> InFlight:
+        """Take the prompts of `step` and start sampling them and their reference forward."""
         c = self.cfg
         sampler_state = self.sampler.state_dict()
         rows = self.sampler.next(c.trainer.prompts_per_step)
-        # rollout_ahead samples with the policy before the update in flight: keep the sampler's
-        # own log-probs as the behaviour policy of the importance ratio
-        want = c.rollout.return_logprobs or c.trainer.rollout_ahead > 0
-        pending = self.launch_generate([r["prompt_ids"] for r in rows], c.rollout.group_size,
-                                       seed=c.seed * 7919 + step, want_logprobs=want)
-        return rows, pending, sampler_state, self.launch_reference(rows, pending)
+        # a sample drawn ahead (by an older policy), or the proximal objective's weight: keep the
+        # sampler's own log-probs
+        want = c.rollout.return_logprobs or uses_sampler_logprobs(c)
+        launched = self.launch_generate([r["prompt_ids"] for r in rows], c.rollout.group_size,
+                                        seed=c.seed * 7919 + step, want_logprobs=want)
+        return InFlight(step, launched[1], rows, sampler_state, launched,
+                        self.launch_reference(rows, launched))
+
+    def next_sample(self, step: int) -> tuple[InFlight, int]:
+        """Step `step`'s sample and its staleness; then the samples of the next steps, up to
+        trainer.rollout_ahead of them, start (they overlap the rest of this step)."""
+        if not self.inflight:
+            self.inflight.push(self._sample_step(step))
+        item, staleness = self.inflight.take(step, self.version)
+        for ahead in self.inflight.to_launch(step, self.cfg.trainer.steps):
+            self.inflight.push(self._sample_step(ahead))
+        return item, staleness
+
+    def drop_inflight(self) -> None:
+        """Forget the samples in flight and rewind the data to before the first of them."""
+        self.sampler.load_state_dict(self.inflight.data_position(self.sampler.state_dict()))
+        self.inflight.clear()
 
     def launch_reference(self, rows: list[dict], pending: tuple[list, int]) -> list:
         """The reference forward of a sample still being drawn: each reference worker starts on
@@ -225,6 +246,7 @@ class Trainer:
                                                 c.algo.aggregation)
         prep = self.learners.call_each("prepare", [
             (batch.rows(i), split_packed(ref_rows, batch.loss_mask, i)) for i in index])
+        mismatch = reduce_learner_steps([[p["mismatch"]] for p in prep]) if "mismatch" in prep[0] else {}
         adv, adv_metrics = group_advantages(rewards, c.rollout.group_size, c.algo.scale_by_std)
         if not self.kl_mode.in_loss:  # PPO-style: k1 of pi_old as a per-token reward
             k1 = torch.zeros(batch.loss_mask.shape, dtype=prep[0]["k1"].dtype)  # [N, L-1]
@@ -235,27 +257,25 @@ class Trainer:
         outs = self.learners.call_each("update", [(adv[i], normalizers) for i in index])
         learner = reduce_learner_steps([o["steps"] for o in outs])
         learner["updates_skipped"] = outs[0]["skipped"]  # the ranks agree on every skip
-        return {**learner, **{k: float(v) for k, v in adv_metrics.items()}}
+        return {**learner, **mismatch, **{k: float(v) for k, v in adv_metrics.items()}}
 
     # ---- one step ---------------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
         c, G = self.cfg, self.cfg.rollout.group_size
         phases, t0 = Phases(), time.perf_counter()
         with phases("generate"):
-            rows, pending, _, ref_launched = self._pending or self._sample_step(step)
-            responses, sampler_logp = self.collect(pending)
-            self._pending = None
-            if c.trainer.rollout_ahead and step < c.trainer.steps:
-                self._pending = self._sample_step(step + 1)  # overlaps everything below
+            item, staleness = self.next_sample(step)
+            rows = item.rows
+            responses, sampler_logp = self.collect(item.launched)
         with phases("reward"):
             texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
             answers = [r["answer"] for r in rows for _ in range(G)]
             scores, reward_metrics = self.rewards.score(texts, answers)
             rewards = torch.tensor(scores, dtype=torch.float32)
         batch = build_batch([r["prompt_ids"] for r in rows for _ in range(G)], responses, self.pad_id,
-                            sampler_logp if c.trainer.rollout_ahead else None)
+                            sampler_logp if uses_sampler_logprobs(c) else None)
         with phases("reference"):
-            ref_rows = self.reference_rows(batch, ref_launched)
+            ref_rows = self.reference_rows(batch, item.ref_launched)
         with phases("learn"):
             learn_metrics = self.learn(batch, rewards, ref_rows)
         with phases("sync"):
@@ -272,6 +292,7 @@ class Trainer:
             "truncated_frac": sum(1 for r in responses if not r or r[-1] != eos) / batch.size,
             "ref_bytes": self.last_ref_bytes, "ref_bytes_per_token": self.last_ref_bytes / max(n_tokens, 1),
             "tokens_per_s": n_tokens / step_s, "step_s": step_s, "policy_version": self.version,
+            "staleness": staleness,
             "weight_norm": self.weight_norm,
             **{f"time_{k}": v for k, v in phases.seconds.items()},
             **{k: v for k, v in reward_metrics.items() if isinstance(v, (int, float))},
@@ -342,16 +363,15 @@ class Trainer:
         t0 = time.perf_counter()
         tmp = checkpoint.begin(self.run_dir, step)
         self.learners.call("save_checkpoint", os.path.join(tmp, "learner"))
-        # with a sample in flight, the data position is the one before it was drawn, and the sample
-        # itself is kept (it waits for the sampler here): a resumed run learns from the same
-        # responses, drawn by the same older policy, as the uninterrupted run
-        sampler_state = self._pending[2] if self._pending else self.sampler.state_dict()
-        state = {"step": step, "version": self.version, "sampler": sampler_state,
+        # with samples in flight, the data position is the one before the first was drawn, and the
+        # samples themselves are kept (this waits for the sampler): a resumed run learns from the
+        # same responses, drawn by the same older policies, as the uninterrupted run
+        state = {"step": step, "version": self.version,
+                 "sampler": self.inflight.data_position(self.sampler.state_dict()),
                  "start_eval": start_eval, "seed": self.cfg.seed, "faults": self.faults.state_dict()}
-        if self._pending:
-            refs, version = self._pending[1]
-            torch.save({"step": step + 1, "version": version, "outputs": ray.get(refs)},
-                       os.path.join(tmp, PENDING))
+        if self.inflight:
+            torch.save([{"step": x.step, "version": x.version, "outputs": ray.get(x.launched[0])}
+                        for x in self.inflight], os.path.join(tmp, PENDING))
             state["pending_sample"] = PENDING
         path = checkpoint.commit(self.run_dir, tmp, step, state, self.cfg.checkpoint.keep)
         print(f"[checkpoint] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
@@ -381,18 +401,22 @@ class Trainer:
         return state["step"], state["start_eval"]
 
     def _restore_pending(self, path: str) -> None:
-        """The checkpoint's in-flight sample, as if it had just been collected from the workers."""
+        """The checkpoint's in-flight samples, as if they had just been collected from the workers
+        (a checkpoint from before bounded staleness holds one sample, not a list)."""
         saved = torch.load(path, weights_only=False)
-        n = sum(len(o["responses"]) for o in saved["outputs"])
+        saved = saved if isinstance(saved, list) else [saved]
         want = self.cfg.trainer.prompts_per_step * self.cfg.rollout.group_size
-        if n != want:
-            print(f"[resume] the checkpoint's in-flight sample has {n} responses, this config wants "
-                  f"{want}: sampling step {saved['step']} again", flush=True)
+        sizes = [sum(len(o["responses"]) for o in s["outputs"]) for s in saved]
+        if any(n != want for n in sizes):
+            print(f"[resume] the checkpoint's in-flight samples have {sizes} responses, this config "
+                  f"wants {want}: sampling them again", flush=True)
             return
-        sampler_state = self.sampler.state_dict()
-        rows = self.sampler.next(self.cfg.trainer.prompts_per_step)
-        refs = [ray.put(o) for o in saved["outputs"]]
-        self._pending = (rows, (refs, saved["version"]), sampler_state, None)
+        for s in saved[:self.cfg.trainer.rollout_ahead]:  # the rest is drawn again, fresher
+            sampler_state = self.sampler.state_dict()
+            rows = self.sampler.next(self.cfg.trainer.prompts_per_step)
+            refs = [ray.put(o) for o in s["outputs"]]
+            self.inflight.push(InFlight(s["step"], s["version"], rows, sampler_state,
+                                        (refs, s["version"])))
 
     def save_policy(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)

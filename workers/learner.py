@@ -34,6 +34,7 @@ from torch import nn
 from system.algo.kl import get_kl_mode, loss_kl, logprobs_from_logits, sampled_kl
 from system.algo.fused_kl import fused_logprob_kl, logprobs_from_hidden
 from system.algo.losses import grpo_loss
+from system.algo.off_policy import CorrectionSettings, rollout_correction
 from system.config import ConfigError
 from workers.common import load_causal_lm, output_head_problem, setup_process
 from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, plan_buckets
@@ -172,23 +173,33 @@ class LearnerWorker:
         """Keep the shard; pi_old and pi_ref log-probs of its sampled tokens, and their per-token
         k1 = log pi_old - log pi_ref [B, T] (the driver folds it into the advantages in `reward` mode).
 
-        pi_old is the sampler's own log-probs when the shard carries them (rollout_ahead: sampled by
-        the policy before the last update), and no forward pass is spent on it; otherwise the
-        current policy's, computed here. Both keep the model's dtype (float64 stays float64)."""
-        mask = shard["loss_mask"]
+        pi_old (algo.pi_old, system/algo/off_policy.py): `sampler` takes the sampler's own log-probs
+        when the shard carries them (a sample drawn ahead, by an older policy) and spends no forward
+        pass on it; otherwise, and for `proximal`, it is the current policy's, computed here. With
+        `proximal` and the sampler's log-probs, the rollout correction's weight and the mismatch
+        statistics come from the two. Both keep the model's dtype (float64 stays float64)."""
+        c, mask = self.cfg, shard["loss_mask"]
         tokens = shard["input_ids"][:, 1:][mask.bool()]
-        module, chunk, dev = self.engine.module, self.cfg["chunk_size"], self.device
-        old_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
-        with torch.no_grad(), _gathered([module.head_weight()], self.cfg["zero_stage"]):
-            if old_logp is None:
+        module, chunk, dev = self.engine.module, c["chunk_size"], self.device
+        sampler_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
+        proximal = c.get("pi_old", "sampler") == "proximal" or sampler_logp is None
+        with torch.no_grad(), _gathered([module.head_weight()], c["zero_stage"]):
+            if proximal:
                 olds = [module.logprobs(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
                                         mb["loss_mask"].to(dev), chunk).cpu()
                         for mb in self._minibatches(shard)]
-                old_logp = _dense(torch.cat(olds), mask)
             ref_logp = module.ref_logprobs(ref_rows.to(dev), tokens.to(dev), chunk)
+        old_logp = _dense(torch.cat(olds), mask) if proximal else sampler_logp  # [B, T]
         ref_logp = _dense(ref_logp.cpu(), mask)  # [B, T]
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
-        return {"k1": (old_logp - ref_logp) * mask, "tokens": int(mask.sum())}
+        out = {"k1": (old_logp - ref_logp) * mask, "tokens": int(mask.sum())}
+        if proximal and sampler_logp is not None:
+            settings = CorrectionSettings(c["tis_cap"], tuple(c["mis_bounds"]), c["mis_level"])
+            weight, stats = rollout_correction(old_logp, sampler_logp, mask, c["rollout_correction"],
+                                               settings)
+            self.shard["pg_weight"] = weight  # [B, T]
+            out["mismatch"] = {**{k: float(v) for k, v in stats.items()}, "tokens": out["tokens"]}
+        return out
 
     def _minibatches(self, shard: dict) -> list[dict]:
         """Split the shard (rows ordered by minibatch already) into cfg['minibatches'] parts."""
@@ -244,7 +255,7 @@ class LearnerWorker:
             logp, dev["old_logp"], dev["advantages"], mask, kl,
             clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
             kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
-            normalizer=normalizer, max_len=c["max_len"])
+            normalizer=normalizer, max_len=c["max_len"], pg_weight=dev.get("pg_weight"))
         with torch.no_grad():
             n_tok = mask.sum().clamp(min=1)
             k3 = sampled_kl(logp, dev["ref_logp"], "k3")

@@ -109,13 +109,14 @@ def grpo_loss(
     dual_clip: float | None = None,
     normalizer: float | torch.Tensor | None = None,
     max_len: int | None = None,
+    pg_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped GRPO surrogate + kl_coef * KL, aggregated by name.
 
     Per token: ratio = exp(logp - old_logp) (log-ratio clamped to +-20),
         pg = -min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A)
         dual clip (c = dual_clip > 1, verl): where A < 0, pg = min(pg, -c * A)
-        token loss = pg + kl_coef * kl
+        token loss = w * pg + kl_coef * kl       (w = pg_weight, 1 by default)
     then ``aggregate`` (module docstring: aggregations and the normalizer for split batches).
 
     Args:
@@ -126,6 +127,8 @@ def grpo_loss(
         kl: [B, T] per-token KL (``loss_kl``), or None.
         normalizer: whole-batch count when this call sees one shard; default: this batch's count.
         max_len: T_max for seq-mean-token-sum-norm; default mask.shape[1].
+        pg_weight: [B, T] per-token weight of the policy-gradient term (no gradient), e.g. the
+            truncated or masked importance weight of ``off_policy.rollout_correction``; or None.
 
     Returns:
         loss: 0-d tensor with grad.
@@ -149,6 +152,8 @@ def grpo_loss(
         neg = (adv < 0).expand_as(pg)
         metrics["dual_clip_frac"] = _masked_mean(neg & (pg > pg_floor), mask_b)
         pg = torch.where(neg, torch.minimum(pg, pg_floor), pg)
+    if pg_weight is not None:
+        pg = pg * pg_weight.detach()
 
     token_loss = pg if kl is None or kl_coef == 0.0 else pg + kl_coef * kl  # [B, T]
     loss = aggregate(token_loss, mask, aggregation, normalizer, max_len)

@@ -56,6 +56,36 @@ def test_rollout_ahead_needs_the_learners_sampling_distribution():
 
 
 @pytest.mark.parametrize("overrides, key, reason", [
+    (["trainer.rollout_ahead=-1"], "trainer.rollout_ahead", ">= 0"),
+    (["algo.pi_old=behavior"], "algo.pi_old", "must be one of"),
+    (["algo.rollout_correction=icepop"], "algo.rollout_correction", "must be one of"),
+    # with pi_old=sampler the ratio already divides by the sampler: a second weight counts it twice
+    (["algo.rollout_correction=tis"], "algo.rollout_correction", "needs algo.pi_old=proximal"),
+    (["algo.pi_old=proximal", "algo.rollout_correction=tis", "algo.tis_cap=0.5"], "algo.tis_cap", ">= 1"),
+    (["algo.pi_old=proximal", "algo.rollout_correction=mis", "algo.mis_bounds=[2.0,0.5]"],
+     "algo.mis_bounds", "lo <= 1 <= hi"),
+    (["algo.pi_old=proximal", "algo.rollout_correction=mis", "algo.mis_level=batch"],
+     "algo.mis_level", "token, sequence"),
+    # the proximal objective's weight divides by the sampler's log-probs, of the untruncated distribution
+    (["trainer.rollout_ahead=0", "algo.pi_old=proximal", "rollout.top_p=0.9"], "rollout.top_p", "algo.pi_old=proximal"),
+])
+def test_impossible_off_policy_combinations(overrides, key, reason):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, overrides)
+    assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_off_policy_settings_load():
+    cfg = load_config(DEBUG, ["trainer.rollout_ahead=4", "algo.pi_old=proximal",
+                              "algo.rollout_correction=mis", "algo.mis_level=sequence"])
+    assert (cfg.trainer.rollout_ahead, cfg.algo.pi_old, cfg.algo.mis_level) == (4, "proximal", "sequence")
+    defaults = load_config(DEBUG).algo
+    assert (defaults.pi_old, defaults.rollout_correction, defaults.tis_cap, defaults.mis_bounds) == (
+        "sampler", "none", 2.0, [0.5, 2.0])
+
+
+@pytest.mark.parametrize("overrides, key, reason", [
     (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb", "on CPU (rollout.num_gpus=0) needs the KV-cache size"),
     (["rollout.enforce_eager=false"], "rollout.enforce_eager", "runs eager"),
     (["rollout.tensor_parallel_size=2"], "rollout.tensor_parallel_size", "1 GPU per engine"),
