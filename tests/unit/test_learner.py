@@ -126,3 +126,50 @@ def test_learner_loss_at_temperature_matches_naive_float64(tied, transport, kl_m
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-15)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("correction", ["tis", "mis"])
+def test_decoupled_objective_matches_naive_float64(correction):
+    """algo.pi_old=proximal: the ratio divides by the learner's own log-probs at the start of the
+    update, and the policy-gradient term is weighted by the corrected pi_prox / pi_sampler, where
+    pi_sampler is an older policy (a sample drawn k versions ago)."""
+    ref = tiny_qwen2(False)
+    sampler = copy.deepcopy(ref)
+    drift(sampler, 0.05, seed=2)
+    policy = copy.deepcopy(sampler)
+    drift(policy, 0.3, seed=4)  # k updates later: far enough that some weights are corrected
+    worker, ref_rows = learner(policy, ref, "hidden", "full")
+    worker.cfg.update(pi_old="proximal", rollout_correction=correction, tis_cap=1.5,
+                      mis_bounds=[0.6, 1.5], mis_level="token")
+    s = shard()
+    mask = s["loss_mask"].bool()
+    tokens = s["input_ids"][:, 1:][mask]  # [M]
+    pick = lambda all_: all_.gather(1, tokens[:, None]).squeeze(1)  # noqa: E731
+    with torch.no_grad():
+        sampler_lp, prox_lp = (pick(naive_logprobs(m, s)) for m in (sampler, policy))
+        ref_all = naive_logprobs(ref, s)  # [M, V]
+    behavior = torch.zeros(mask.shape, dtype=F64).masked_scatter(mask, sampler_lp)
+    prep = worker.prepare(dict(s, behavior_logp=behavior), ref_rows)
+    torch.testing.assert_close(worker.shard["old_logp"][mask], prox_lp, rtol=0, atol=1e-12)
+    rho = torch.exp(prox_lp - sampler_lp)
+    w = rho.clamp(max=1.5) if correction == "tis" else ((rho >= 0.6) & (rho <= 1.5)).to(F64)
+    torch.testing.assert_close(worker.shard["pg_weight"][mask], w, rtol=0, atol=1e-12)
+    assert 0 < prep["mismatch"]["corrected_frac"] < 1
+
+    drift(policy, 0.05, seed=3)  # pi_theta != pi_prox within the update
+    adv = torch.tensor([1.0, -0.5, 0.25, -2.0], dtype=F64)
+    mb = worker._minibatches(dict(worker.shard, advantages=adv))[0]
+    loss, _, _ = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+
+    logp_all = naive_logprobs(policy, s)  # [M, V], with grad
+    logp = logp_all.gather(1, tokens[:, None]).squeeze(1)
+    a = adv[:, None].expand(mask.shape)[mask]
+    ratio = torch.exp(logp - prox_lp)
+    pg = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    kl = (logp_all.exp() * (logp_all - ref_all)).sum(-1)
+    want = (w * pg + 0.3 * kl).mean()
+    want_grads = torch.autograd.grad(want, list(policy.parameters()))
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-15)
+    for g, wg in zip(grads, want_grads):
+        torch.testing.assert_close(g, wg, rtol=1e-10, atol=1e-13)
