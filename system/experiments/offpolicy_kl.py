@@ -68,7 +68,7 @@ def true_kl(policy_dir: str, ref_dir: str, prompts: list[list[int]], samples: in
     tok = AutoTokenizer.from_pretrained(ref_dir)
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
-    token_kl, seq_kl, n_tokens, n_seqs = 0.0, 0.0, 0, 0
+    total, n_tokens, n_seqs = 0.0, 0, 0
     for ids in prompts:
         x = torch.tensor([ids])  # [1, P]
         out = policy.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
@@ -84,11 +84,10 @@ def true_kl(policy_dir: str, ref_dir: str, prompts: list[list[int]], samples: in
         lp = policy(input_ids=out, attention_mask=attn).logits[:, P - 1:-1]  # [S, R, V]
         lr = ref(input_ids=out, attention_mask=attn).logits[:, P - 1:-1]  # [S, R, V]
         kl = full_kl_from_logits(lp, lr, temperature) * mask  # [S, R]
-        token_kl += float(kl.sum())
-        seq_kl += float(kl.sum())
+        total += float(kl.sum())
         n_tokens += int(mask.sum())
         n_seqs += samples
-    return token_kl / max(n_tokens, 1), seq_kl / max(n_seqs, 1)
+    return total / max(n_tokens, 1), total / max(n_seqs, 1)
 
 
 def summarize(run_dir: Path) -> dict:
@@ -170,11 +169,11 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--ks", nargs="+", type=int, default=list(KS))
     ap.add_argument("--no-mu2", action="store_true", help="leave out the mu=2, k=0 runs")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--prompts", type=int, default=64, help="trainer.prompts_per_step")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=32, help="trainer.prompts_per_step")
     ap.add_argument("--kl-coef", type=float, default=0.2)
     ap.add_argument("--eval-size", type=int, default=200)
-    ap.add_argument("--kl-prompts", type=int, default=200, help="held-out prompts for the true KL")
+    ap.add_argument("--kl-prompts", type=int, default=100, help="held-out prompts for the true KL")
     ap.add_argument("--samples", type=int, default=4, help="responses per prompt for the true KL")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/offpolicy_kl", help="run directories")

@@ -28,11 +28,12 @@ def _train_records(run_dir):
     return [x for x in lines if x["kind"] == "train"]
 
 
-@pytest.mark.parametrize("ahead", [0, 1])
+@pytest.mark.parametrize("ahead", [0, 2])
 def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahead):
     """A run killed after its step-2 checkpoint and resumed equals the uninterrupted run. With
-    rollout_ahead=1 the checkpoint holds the sample drawn for step 3 by the policy before step 2's
-    update; the resumed run learns from it, as the uninterrupted one does."""
+    rollout_ahead=2 the checkpoint holds the samples drawn for steps 3 and 4 by the policies before
+    step 1's and step 2's updates; the resumed run learns from them, as the uninterrupted one does, and
+    no sample is learned more than 2 versions after it was drawn."""
     from system.trainer import Trainer
 
     a = f"trainer.rollout_ahead={ahead}"
@@ -51,11 +52,16 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahe
         _run(tmp_path, "resumed", "trainer.steps=4", a)
     pending = tmp_path / "resumed" / "checkpoints" / "step_000002" / "pending_sample.pt"
     assert pending.exists() == bool(ahead)
+    if ahead:  # both in-flight samples, with the versions that drew them
+        saved = torch.load(pending, weights_only=False)
+        assert [(x["step"], x["version"]) for x in saved] == [(3, 0), (4, 1)]
     monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
     resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", a)
 
     a, b = _train_records(straight), _train_records(resumed)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4]
+    # a sample drawn at version v is learned at version <= v + k: 0, 1, 2, then k every step
+    assert [x["staleness"] for x in a] == [x["staleness"] for x in b] == [min(s, ahead) for s in range(4)]
     for x, y in zip(a, b):
         for key in ("loss", "reward_mean", "kl_full", "clip_frac", "behavior_logp_gap"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)

@@ -102,15 +102,26 @@ def test_learner_loss_at_temperature_matches_naive_float64(tied, transport, kl_m
     torch.testing.assert_close(prep["k1"], worker.shard["old_logp"] - worker.shard["ref_logp"])
 
     drift(policy, 0.05, seed=3)  # pi_theta != pi_old: ratios away from 1
+    stats = check_update_against_naive(worker, policy, old_all.gather(1, tokens[:, None]).squeeze(1),
+                                       ref_all, kl_mode)
+    assert abs(stats["ratio_max"] - 1) > 1e-3
+
+
+def check_update_against_naive(worker, policy, old: torch.Tensor, ref_all: torch.Tensor, kl_mode: str,
+                               pg_weight: torch.Tensor | None = None) -> dict:
+    """The learner's minibatch loss and its gradients equal the loss from the formulas, on the
+    model's own logits divided by T: mean of w * clipped surrogate (ratio pi_theta / old) + 0.3 * KL.
+    old: [M] log pi_old of the sampled tokens; ref_all: [M, V]; pg_weight: [M] or None (w = 1)."""
+    s = shard()
+    mask = s["loss_mask"].bool()
+    tokens = s["input_ids"][:, 1:][mask]  # [M]
     adv = torch.tensor([1.0, -0.5, 0.25, -2.0], dtype=F64)
     mb = worker._minibatches(dict(worker.shard, advantages=adv))[0]
     loss, _, stats = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
     grads = torch.autograd.grad(loss, list(policy.parameters()))
 
-    # the same loss from the formulas, on the model's own logits divided by T
     logp_all = naive_logprobs(policy, s)  # [M, V], with grad
     logp = logp_all.gather(1, tokens[:, None]).squeeze(1)
-    old = old_all.gather(1, tokens[:, None]).squeeze(1)
     ref_logp = ref_all.gather(1, tokens[:, None]).squeeze(1)
     if kl_mode == "full":  # KL(pi_theta^T || pi_ref^T) over the vocabulary
         kl = (logp_all.exp() * (logp_all - ref_all)).sum(-1)
@@ -119,13 +130,14 @@ def test_learner_loss_at_temperature_matches_naive_float64(tied, transport, kl_m
     a = adv[:, None].expand(mask.shape)[mask]
     ratio = torch.exp(logp - old)
     pg = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
-    want = (pg + 0.3 * kl).mean()
+    want = ((pg if pg_weight is None else pg_weight * pg) + 0.3 * kl).mean()
     want_grads = torch.autograd.grad(want, list(policy.parameters()))
 
-    assert loss.dtype == F64 and abs(stats["ratio_max"] - 1) > 1e-3
+    assert loss.dtype == F64
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-15)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+    return stats
 
 
 @pytest.mark.parametrize("correction", ["tis", "mis"])
@@ -157,19 +169,4 @@ def test_decoupled_objective_matches_naive_float64(correction):
     assert 0 < prep["mismatch"]["corrected_frac"] < 1
 
     drift(policy, 0.05, seed=3)  # pi_theta != pi_prox within the update
-    adv = torch.tensor([1.0, -0.5, 0.25, -2.0], dtype=F64)
-    mb = worker._minibatches(dict(worker.shard, advantages=adv))[0]
-    loss, _, _ = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
-    grads = torch.autograd.grad(loss, list(policy.parameters()))
-
-    logp_all = naive_logprobs(policy, s)  # [M, V], with grad
-    logp = logp_all.gather(1, tokens[:, None]).squeeze(1)
-    a = adv[:, None].expand(mask.shape)[mask]
-    ratio = torch.exp(logp - prox_lp)
-    pg = -torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
-    kl = (logp_all.exp() * (logp_all - ref_all)).sum(-1)
-    want = (w * pg + 0.3 * kl).mean()
-    want_grads = torch.autograd.grad(want, list(policy.parameters()))
-    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-15)
-    for g, wg in zip(grads, want_grads):
-        torch.testing.assert_close(g, wg, rtol=1e-10, atol=1e-13)
+    check_update_against_naive(worker, policy, prox_lp, ref_all, "full", pg_weight=w)
