@@ -39,8 +39,10 @@ KS = (0, 1, 2, 4)
 
 
 def grid(modes, ks, mu2: bool) -> list[dict]:
-    """One entry per run: kl mode, staleness k, epochs mu."""
-    runs = [{"mode": m, "k": k, "mu": 1} for m in modes for k in ks]
+    """One entry per run: kl mode, staleness k, epochs mu; every mode at one k before the next k
+    (the ends of the k range first), so that a grid cut short still compares the modes."""
+    order = sorted(ks, key=lambda k: (k not in (min(ks), max(ks)), k))
+    runs = [{"mode": m, "k": k, "mu": 1} for k in order for m in modes]
     if mu2:
         runs += [{"mode": m, "k": 0, "mu": 2} for m in modes]
     return runs
@@ -69,24 +71,26 @@ def true_kl(policy_dir: str, ref_dir: str, prompts: list[list[int]], samples: in
     eos, pad = tok.eos_token_id, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     torch.manual_seed(seed)
     total, n_tokens, n_seqs = 0.0, 0, 0
-    for ids in prompts:
-        x = torch.tensor([ids])  # [1, P]
+    by_length: dict[int, list[list[int]]] = {}
+    for ids in prompts:  # prompts of one length batch without padding
+        by_length.setdefault(len(ids), []).append(ids)
+    for P, group in sorted(by_length.items()):
+        x = torch.tensor(group)  # [g, P]
         out = policy.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True,
                               temperature=temperature, top_k=0, top_p=1.0,
                               max_new_tokens=max_new_tokens, num_return_sequences=samples,
-                              pad_token_id=pad, eos_token_id=eos)  # [S, P + R]
-        resp = out[:, x.shape[1]:]  # [S, R]
+                              pad_token_id=pad, eos_token_id=eos)  # [g * S, P + R]
+        resp = out[:, P:]  # [g * S, R]
         # response tokens up to and including the first EOS
-        ended = (resp == eos).long().cumsum(-1)
-        mask = (ended - (resp == eos).long()) == 0  # [S, R]
-        attn = torch.cat([torch.ones(samples, x.shape[1], dtype=torch.long), mask.long()], dim=1)
-        P = x.shape[1]
-        lp = policy(input_ids=out, attention_mask=attn).logits[:, P - 1:-1]  # [S, R, V]
-        lr = ref(input_ids=out, attention_mask=attn).logits[:, P - 1:-1]  # [S, R, V]
-        kl = full_kl_from_logits(lp, lr, temperature) * mask  # [S, R]
+        is_eos = (resp == eos).long()
+        mask = (is_eos.cumsum(-1) - is_eos) == 0  # [g * S, R]
+        attn = torch.cat([torch.ones(out.shape[0], P, dtype=torch.long), mask.long()], dim=1)
+        lp = policy(input_ids=out, attention_mask=attn).logits[:, P - 1:-1]  # [g * S, R, V]
+        lr = ref(input_ids=out, attention_mask=attn).logits[:, P - 1:-1]  # [g * S, R, V]
+        kl = full_kl_from_logits(lp, lr, temperature) * mask  # [g * S, R]
         total += float(kl.sum())
         n_tokens += int(mask.sum())
-        n_seqs += samples
+        n_seqs += out.shape[0]
     return total / max(n_tokens, 1), total / max(n_seqs, 1)
 
 
@@ -110,7 +114,8 @@ def run_one(run: dict, args) -> dict:
 
     name = f"{run['mode']}_k{run['k']}_mu{run['mu']}"
     ov = [*overrides(run, args), f"output_dir={args.out}", f"run_name={name}"]
-    rc = main(["--config", "configs/debug.yaml", *ov])
+    done = (Path(args.out) / name / "summary.json").exists() and args.reuse
+    rc = 0 if done else main(["--config", "configs/debug.yaml", *ov])
     if rc != 0:
         raise SystemExit(f"run {name} failed (rc={rc})")
     cfg = load_config("configs/debug.yaml", ov)
@@ -179,10 +184,12 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/offpolicy_kl", help="run directories")
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     ap.add_argument("--no-docs", action="store_true", help="print the table only")
+    ap.add_argument("--reuse", action="store_true", help="keep runs already finished in --out")
     args = ap.parse_args(argv)
 
     import ray
 
+    torch.set_num_threads(1)  # the driver's share of 2 cores; the actors have their own
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
     t0, results = time.perf_counter(), []
@@ -193,6 +200,7 @@ def main(argv=None) -> int:
               f"acc {r['acc_start']:.3f} -> {r['acc_end']:.3f}, {r['s_per_step']:.2f} s/step", flush=True)
     ray.shutdown()
     wall = time.perf_counter() - t0
+    results.sort(key=lambda r: (MODES.index(r["mode"]) if r["mode"] in MODES else 9, r["mu"], r["k"]))
     table = format_table(results)
     settings = " ".join(overrides({"mode": "<mode>", "k": "<k>", "mu": "<mu>"}, args))
     print(f"\n{table}\n\nper run: python -m system.train --config configs/debug.yaml {settings}\n"
