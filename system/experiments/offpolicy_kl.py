@@ -22,6 +22,8 @@ Per run:
 Run:
     python -m system.experiments.offpolicy_kl                   # table in docs/offpolicy_kl.md, plot
     python -m system.experiments.offpolicy_kl --steps 4 --modes full --ks 0 1 --no-docs   # a smoke run
+    python -m system.experiments.offpolicy_kl --ks 4 --no-mu2 --no-docs \
+        --set algo.pi_old=proximal algo.rollout_correction=tis    # the decoupled objective at k = 4
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def overrides(run: dict, args) -> list[str]:
             f"trainer.rollout_ahead={run['k']}", f"learner.epochs={run['mu']}",
             f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts}",
             f"eval.size={args.eval_size}", "eval.every=0", "trainer.progress_bar=false",
-            "logging.tensorboard=false", f"seed={args.seed}", f"data.seed={args.seed}"]
+            "logging.tensorboard=false", f"seed={args.seed}", f"data.seed={args.seed}", *args.set]
 
 
 @torch.no_grad()
@@ -112,7 +114,7 @@ def run_one(run: dict, args) -> dict:
     from system.data.prompts import load_prompt_sets
     from system.train import main, resolve_model
 
-    name = f"{run['mode']}_k{run['k']}_mu{run['mu']}"
+    name = "_".join([f"{run['mode']}_k{run['k']}_mu{run['mu']}", *(o.split("=", 1)[1] for o in args.set)])
     ov = [*overrides(run, args), f"output_dir={args.out}", f"run_name={name}"]
     done = (Path(args.out) / name / "summary.json").exists() and args.reuse
     rc = 0 if done else main(["--config", "configs/debug.yaml", *ov])
@@ -185,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--docs", type=Path, default=Path("docs"))
     ap.add_argument("--no-docs", action="store_true", help="print the table only")
     ap.add_argument("--reuse", action="store_true", help="keep runs already finished in --out")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="more overrides for every run, e.g. algo.pi_old=proximal algo.rollout_correction=tis")
     args = ap.parse_args(argv)
 
     import ray
