@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from system.algo.kl import ESTIMATORS, full_kl_from_logits, sampled_kl
+from system.experiments import save_figure
 
 DRIFTS = (0.0, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
 MC_ESTIMATORS = ("k3", "k3_is")
@@ -139,10 +140,7 @@ def plot(rows, out: Path) -> None:
     ax.set_title("Expected gradient of KL estimators vs grad KL(pi_theta || pi_ref)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from system.experiments import save_figure
+
 MODES = ("full", "k3", "k3_is")
 KS = (0, 1, 2, 4)
 
@@ -165,10 +167,7 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_xlabel("staleness k (trainer.rollout_ahead)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main(argv=None) -> int:
