@@ -51,3 +51,41 @@ def test_a_sample_staler_than_k_is_refused():
     q.push(InFlight(5, 2, [], {}))
     with pytest.raises(RuntimeError, match="step 5 taken at step 6"):
         q.take(6, 3)
+
+
+def _restoring_trainer(monkeypatch, ahead: int):
+    """A Trainer with only what _restore_pending uses: config, prompt sampler, in-flight queue."""
+    from system import trainer as trainer_module
+    from system.config import load_config
+    from system.data.prompts import PromptSampler
+
+    monkeypatch.setattr(trainer_module.ray, "put", lambda x: x)  # no cluster: the outputs themselves
+    t = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    t.cfg = load_config("configs/debug.yaml", [f"trainer.rollout_ahead={ahead}",
+                                               "trainer.prompts_per_step=2", "rollout.group_size=2"])
+    t.sampler = PromptSampler([{"prompt_ids": [i]} for i in range(10)], seed=0)
+    t.inflight = InFlightQueue(ahead)
+    return t
+
+
+def _saved(step, version):
+    return {"step": step, "version": version,
+            "outputs": [{"responses": [[1], [2], [3], [4]], "logprobs": None, "version": version}]}
+
+
+@pytest.mark.parametrize("saved,ahead,kept", [
+    ([_saved(3, 0), _saved(4, 1)], 2, [(3, 0), (4, 1)]),  # every in-flight sample, in order
+    ([_saved(3, 0), _saved(4, 1)], 1, [(3, 0)]),  # a smaller k: the rest is drawn again
+    (_saved(3, 1), 1, [(3, 1)]),  # a checkpoint from before bounded staleness: one sample, no list
+])
+def test_restore_in_flight_samples(tmp_path, monkeypatch, saved, ahead, kept):
+    import torch
+
+    path = tmp_path / "pending_sample.pt"
+    torch.save(saved, path)
+    t = _restoring_trainer(monkeypatch, ahead)
+    start = t.sampler.state_dict()
+    t._restore_pending(str(path))
+    assert [(x.step, x.version) for x in t.inflight] == kept
+    assert t.inflight.data_position(None) == start  # the data position before the first of them
+    assert t.sampler.state_dict()["pos"] == 2 * len(kept)  # each took its step's prompts again
