@@ -37,6 +37,7 @@ def test_two_step_run_end_to_end(ray_cluster, tmp_path, zero_stage):
     # 1's update, by the policy before it
     gaps = [x["behavior_logp_gap"] for x in train]
     assert gaps[0] < 1e-4 and gaps[1] > 10 * max(gaps[0], 1e-7), gaps
+    assert [x["staleness"] for x in train] == [0, 1]  # versions between drawing and learning
     assert "greedy_accuracy" in evals[-1]
     assert (run / "config.yaml").exists()
     from transformers import AutoModelForCausalLM
