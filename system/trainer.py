@@ -4,7 +4,9 @@ One step (`train_step`):
 1. take B prompts; rollout workers sample G responses each from pi_old (tagged with its version);
 2. score them (reward pool), build the padded batch;
 3. reference workers return final hidden states (or logits) at the response positions (launched
-   with step 1: each starts as soon as the sample exists, without a round trip through the driver);
+   with step 1: each starts as soon as the sample exists, without a round trip through the driver;
+   with LoRA and reference.source=adapters_off there are no reference workers: the learners run
+   the base model, adapters disabled, themselves);
 4. learners compute pi_old / pi_ref log-probs, the driver turns rewards into group advantages
    (KL folded into the reward first in `reward` mode), learners run mu epochs of minibatches;
 5. learner rank 0 broadcasts the new weights; rollout workers load them and the checksums match.

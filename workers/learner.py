@@ -4,10 +4,13 @@ Steps, driven by system/trainer.py:
 1. `init_process_group` + `build`: join DeepSpeed's group (gloo on CPU, NCCL on GPU), wrap the
    policy and a frozen copy of the reference output head in `PolicyWithHead`, and create the engine
    (ZeRO 0-3; under ZeRO-3 the output head is registered as an external parameter of the wrapper,
-   so DeepSpeed gathers it for the fused op and reduces its gradient).
+   so DeepSpeed gathers it for the fused op and reduces its gradient). With learner.lora.rank > 0
+   the policy is wrapped in peft LoRA adapters and only they train (workers/lora.py).
 2. `prepare(shard, ref_rows)`: before any update, the sampled tokens' log-probs under pi_old and
    pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs and the KL are of
-   the distributions at the rollout temperature (`PolicyWithHead` says why).
+   the distributions at the rollout temperature (`PolicyWithHead` says why). With LoRA and
+   reference.source=adapters_off no rows come in: pi_ref is the base model, and its hidden states
+   come from the learner's own forward with the adapters disabled.
 3. `update(advantages, normalizers)`: mu epochs over the minibatches; each minibatch is one
    optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
    average to the whole minibatch's gradient. A minibatch whose loss or gradients are NaN/inf on
@@ -15,7 +18,7 @@ Steps, driven by system/trainer.py:
    Each step's statistics are this rank's share; the driver combines the ranks'
    (`system.metrics.reduce_learner_steps`), so the logged metrics do not depend on the rank count.
 4. `send_weights`: rank 0 broadcasts the parameters to the rollout workers (all ranks join the
-   gather under ZeRO-3).
+   gather under ZeRO-3); with LoRA, the merged weights or the adapters alone (sync.lora).
 
 Run through the trainer: `python -m system.train --config configs/debug.yaml`.
 """
