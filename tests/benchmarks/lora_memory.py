@@ -5,8 +5,9 @@ fine-tuning and LoRA (rank 8 on every linear layer of the blocks, debug.yaml's o
 fresh subprocess builds one LearnerWorker exactly as the trainer does (one rank, DeepSpeed over
 gloo, --zero stage), runs `prepare` (pi_ref from the base weights with the adapters off, for LoRA)
 and one `update` (one optimizer step) on a synthetic batch, and reports:
-- peak RSS: resource.getrusage(RUSAGE_SELF).ru_maxrss of that process (the whole learner process:
-  weights, the frozen reference head, gradients, optimizer state, activations, Python/torch);
+- peak RSS: VmHWM of that process (/proc/self/status; the whole learner process: weights, the
+  frozen reference head, gradients, optimizer state, activations, Python/torch; ru_maxrss would
+  carry over the parent's peak across exec);
 - state: bytes of parameters + gradients + optimizer state held after the step;
 - bytes per sync: the weight buckets one sync broadcasts, per rollout worker (LoRA: merged weights
   and adapters only).
@@ -21,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -70,13 +70,19 @@ def measure(model_path: str, overrides: list[str], rows: int, prompt: int, respo
     opt = getattr(worker.engine.optimizer, "optimizer", worker.engine.optimizer)
     state += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
                  if torch.is_tensor(t))
-    out = {"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "state": state,
+    out = {"peak_rss": _peak_rss(), "state": state,
            "trainable": sum(p.numel() for p in params if p.requires_grad),
            "params": sum(p.numel() for p in module.policy.parameters())}
     out["sync_sent"] = sum(b.nbytes for b in worker.weight_buckets(64))  # adapters only, with LoRA
     worker.views["sent"] = worker.views["held"]  # as sync.lora=merged sends
     out["sync_held"] = sum(b.nbytes for b in worker.weight_buckets(64))
     return out
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size in bytes (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def run_child(model_path: str, overrides: list[str], rows: int, prompt: int, response: int) -> dict:
@@ -122,7 +128,7 @@ def main() -> None:
                                                  if r["sync_sent"] != r["sync_held"] else "")])
     body = (f"One learner rank (ZeRO-{args.zero}, fp32, gloo), one prepare + one optimizer step on a "
             f"synthetic batch (debug: 64 x 12 tokens; Qwen shapes: 4 x 64), each in a fresh "
-            f"process. Peak RSS is the process's ru_maxrss; state is parameters + gradients + "
+            f"process. Peak RSS is the process's VmHWM; state is parameters + gradients + "
             f"optimizer state after the step; sync is the bytes one weight sync broadcasts to each "
             f"rollout worker.\n\n" + markdown_table(
                 ["model", "training", "trainable params", "peak RSS MiB", "state MiB", "sync MiB"], table))
