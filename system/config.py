@@ -81,9 +81,10 @@ class RolloutConfig:
 
 @dataclass
 class ReferenceConfig:
-    # worker: reference workers hold pi_ref (full fine-tuning); adapters_off: with LoRA, pi_ref is
-    # the base model the learners hold, run with the adapters disabled (no reference workers)
-    source: str = "worker"
+    # worker: reference workers hold pi_ref; adapters_off: with LoRA, pi_ref is the base model the
+    # learners hold, run with the adapters disabled (no reference workers); auto: adapters_off
+    # with LoRA, worker without
+    source: str = "auto"
     num_workers: int = 1  # reference actors
     transport: str = "hidden"  # hidden (final hidden states) | logits (exact, small vocabularies)
     num_gpus: float = 0.0  # GPUs per reference actor
@@ -252,6 +253,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
                 raise ConfigError(f"reward.functions[{i}]: {_one_line(err)}") from None
         cfg: Config = OmegaConf.to_object(merged)
         cfg.reward.functions = [OmegaConf.to_object(s) for s in specs]
+        if cfg.reference.source == "auto":  # made concrete: the saved config shows the choice
+            cfg.reference.source = "adapters_off" if cfg.learner.lora.rank > 0 else "worker"
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
@@ -301,8 +304,8 @@ def validate(cfg: Config) -> None:
     if r.backend == "vllm":
         _validate_vllm(r)
 
-    _check(cfg.reference.source in ("worker", "adapters_off"), "reference.source",
-           "must be worker or adapters_off")
+    _check(cfg.reference.source in ("auto", "worker", "adapters_off"), "reference.source",
+           "must be auto, worker or adapters_off")
     _check(cfg.reference.num_workers >= 1, "reference.num_workers", "must be >= 1")
     _check(cfg.reference.transport in ("hidden", "logits"), "reference.transport",
            "must be hidden or logits")

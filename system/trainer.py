@@ -82,7 +82,7 @@ class Trainer:
             resources=c.rollout.resources)
         self.reference = ActorGroup(  # empty with reference.source=adapters_off: the learners do it
             "reference", "workers.reference:ReferenceWorker",
-            c.reference.num_workers if c.reference.source == "worker" else 0,
+            0 if c.reference.source == "adapters_off" else c.reference.num_workers,
             c.reference.num_cpus, c.reference.num_gpus,
             lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
                        {"micro_batch": c.reference.micro_batch}), env,
@@ -127,7 +127,7 @@ class Trainer:
         rows = c.trainer.prompts_per_step * c.rollout.group_size
         return {"torch_threads": c.ray.torch_threads, "seed": c.seed, "dtype": c.model.dtype,
                 "gradient_checkpointing": lr.gradient_checkpointing,
-                "ref_transport": c.reference.transport if c.reference.source == "worker" else "hidden",
+                "ref_transport": "hidden" if c.reference.source == "adapters_off" else c.reference.transport,
                 "temperature": c.rollout.temperature, "lora": dataclasses.asdict(lr.lora),
                 "sync_mode": lora_sync_mode(c),
                 "optimizer": lr.optimizer, "lr": lr.lr, "betas": list(lr.betas),

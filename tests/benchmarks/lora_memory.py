@@ -30,7 +30,7 @@ import types
 
 from _common import ROOT, markdown_table, publish, save_qwen_shape
 
-LORA = ["learner.lora.rank=8", "reference.source=adapters_off"]
+LORA = ["learner.lora.rank=8"]  # reference.source=auto: adapters_off
 
 
 def measure(model_path: str, overrides: list[str], rows: int, prompt: int, response: int) -> dict:

@@ -95,7 +95,8 @@ def test_lora_sync_and_reference_from_the_base_weights(ray_cluster, tmp_path):
     disabled gives the same pi_ref log-probs, so the same k1 and KL, as the reference worker's."""
     from system.data.batch import split_for_learners, split_packed
 
-    trainer = build_trainer(tmp_path, ["learner.lora.rank=8", "learner.lr=1e-2", "sync.lora=adapters"])
+    trainer = build_trainer(tmp_path, ["learner.lora.rank=8", "learner.lr=1e-2", "sync.lora=adapters",
+                                       "reference.source=worker"])
     try:
         batch, rewards = _one_batch(trainer)
         trainer.learn(batch, rewards, trainer.reference_rows(batch))

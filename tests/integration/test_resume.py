@@ -31,7 +31,7 @@ def _train_records(run_dir):
 # LoRA on 2 ranks, pi_ref from the base weights with the adapters off, adapter-only sync (whose
 # checksums the driver compares at every sync), the merged model saved too; a high lr so the
 # adapters move in 4 steps
-LORA = ("learner.lora.rank=8", "reference.source=adapters_off", "learner.lr=1e-2",
+LORA = ("learner.lora.rank=8", "learner.lr=1e-2",
         "learner.lora.save_merged=true")
 
 

@@ -75,7 +75,7 @@ def test_vllm_engine_settings_are_checked(overrides, key, reason):
     (["learner.lora.rank=8", "learner.lora.dropout=1.0"], "learner.lora.dropout", "[0, 1)"),
     (["learner.lora.rank=8", "learner.lora.target_modules=[]"], "learner.lora.target_modules", "non-empty"),
     (["reference.source=adapters_off"], "reference.source", "needs LoRA"),
-    (["reference.source=frozen"], "reference.source", "worker or adapters_off"),
+    (["reference.source=frozen"], "reference.source", "auto, worker or adapters_off"),
     (["learner.lora.rank=8", "sync.lora=deltas"], "sync.lora", "auto, merged or adapters"),
     (["learner.lora.rank=8", "sync.lora=adapters", "rollout.backend=vllm"], "sync.lora", "rollout.backend=hf"),
 ])
@@ -88,7 +88,10 @@ def test_lora_settings_are_checked(overrides, key, reason):
 def test_lora_sync_mode_and_ignored_keys():
     from system.config import ignored_keys, lora_sync_mode
 
-    lora = ["learner.lora.rank=8", "reference.source=adapters_off"]
+    lora = ["learner.lora.rank=8"]
+    assert load_config(DEBUG).reference.source == "worker"
+    assert load_config(DEBUG, lora).reference.source == "adapters_off"  # auto, made concrete
+    assert load_config(DEBUG, [*lora, "reference.source=worker"]).reference.source == "worker"
     assert lora_sync_mode(load_config(DEBUG)) == "full"
     assert lora_sync_mode(load_config(DEBUG, lora)) == "adapters"
     assert lora_sync_mode(load_config(DEBUG, [*lora, "rollout.backend=vllm"])) == "merged"
