@@ -28,11 +28,10 @@ def _train_records(run_dir):
     return [x for x in lines if x["kind"] == "train"]
 
 
-# LoRA on 2 ranks, pi_ref from the base weights with the adapters off, adapter-only sync (whose
-# checksums the driver compares at every sync), the merged model saved too; a high lr so the
-# adapters move in 4 steps
-LORA = ("learner.lora.rank=8", "learner.lr=1e-2",
-        "learner.lora.save_merged=true")
+# LoRA on 2 ranks, pi_ref from the base weights with the adapters off (reference.source=auto),
+# adapter-only sync (whose checksums the driver compares at every sync), the merged model saved
+# too; a high lr so the adapters move in 4 steps
+LORA = ("learner.lora.rank=8", "learner.lr=1e-2", "learner.lora.save_merged=true")
 
 
 @pytest.mark.parametrize("ahead, lora", [(0, ()), (1, ()), (1, LORA)], ids=["on-policy", "ahead", "lora"])
@@ -40,7 +39,9 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahe
     """A run killed after its step-2 checkpoint and resumed equals the uninterrupted run. With
     rollout_ahead=1 the checkpoint holds the sample drawn for step 3 by the policy before step 2's
     update; the resumed run learns from it, as the uninterrupted one does. With LoRA the
-    checkpoints and final/ hold the adapters (the base weights are the model directory's)."""
+    checkpoints and final/ hold the adapters (the base weights are the model directory's), and the
+    resumed part takes pi_ref from a reference worker instead of the learners' base weights: the
+    same KL and loss, with adapters away from zero, show the two sources agree."""
     from system.trainer import Trainer
 
     a = (f"trainer.rollout_ahead={ahead}", *lora)
@@ -60,7 +61,8 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahe
     pending = tmp_path / "resumed" / "checkpoints" / "step_000002" / "pending_sample.pt"
     assert pending.exists() == bool(ahead)
     monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
-    resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", *a)
+    other_source = ("reference.source=worker",) if lora else ()
+    resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", *a, *other_source)
 
     a, b = _train_records(straight), _train_records(resumed)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4]
@@ -71,7 +73,7 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahe
     weights = "model.safetensors"
     if lora:
         weights = "adapter_model.safetensors"
-        assert a[-1]["kl_full"] > 0 and a[-1]["ref_bytes"] == 0  # pi_ref from the learners
+        assert a[-1]["kl_full"] > 1e-4 and a[-1]["ref_bytes"] == 0 < b[-1]["ref_bytes"]
         _check_lora_outputs(straight)
     wa = load_file(straight / "final" / weights)
     wb = load_file(resumed / "final" / weights)
