@@ -32,8 +32,10 @@ class ActorGroup:
         self.name = name
         resources = dict(resources or {})
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {}), **resources}
-        self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy)
-        ray.get(self.pg.ready(), timeout=600)
+        # an empty group (no reference workers with reference.source=adapters_off) places nothing
+        self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy) if num else None
+        if self.pg is not None:
+            ray.get(self.pg.ready(), timeout=600)
         remote_cls = ray.remote(_load(cls_path))
         self.actors = []
         for rank in range(num):
@@ -62,13 +64,16 @@ class ActorGroup:
 
     def nodes(self) -> list:
         """The id of the node each rank's bundle is placed on, in rank order."""
+        if self.pg is None:
+            return []
         where = placement_group_table(self.pg)["bundles_to_node_id"]
         return [where.get(rank) for rank in range(len(self.actors))]
 
     def shutdown(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        remove_placement_group(self.pg)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
 
     def init_collective(self) -> None:
         """Rank 0 picks the address of the group's collective; every rank then joins it."""
@@ -81,7 +86,7 @@ def placement_line(*groups: ActorGroup) -> str:
     4d5e6f (10.0.0.3)`: on a cluster, the check that a placement config did what it says."""
     address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     parts = []
-    for group in groups:
+    for group in (g for g in groups if len(g)):
         ranks: dict = {}
         for rank, node in enumerate(group.nodes()):
             ranks.setdefault(node, []).append(str(rank))

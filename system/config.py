@@ -82,12 +82,27 @@ class RolloutConfig:
 
 @dataclass
 class ReferenceConfig:
+    # worker: reference workers hold pi_ref; adapters_off: with LoRA, pi_ref is the base model the
+    # learners hold, run with the adapters disabled (no reference workers); auto: adapters_off
+    # with LoRA, worker without
+    source: str = "auto"
     num_workers: int = 1  # reference actors
     transport: str = "hidden"  # hidden (final hidden states) | logits (exact, small vocabularies)
     num_gpus: float = 0.0  # GPUs per reference actor
     num_cpus: float = 1.0  # CPUs per reference actor
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     micro_batch: int = 64  # sequences per reference forward
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0  # LoRA rank r; 0: full fine-tuning
+    alpha: float = 16.0  # scaling alpha: the update is (alpha / r) * B @ A
+    dropout: float = 0.0  # dropout on the LoRA path's input (0 keeps pi_theta deterministic)
+    # peft target_modules: module names (or name suffixes) to adapt; not the output head or embeddings
+    target_modules: list = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    save_merged: bool = False  # final/merged: also the merged model as a Hugging Face directory
 
 
 @dataclass
@@ -107,6 +122,7 @@ class LearnerConfig:
     num_cpus: float = 1.0  # CPUs per learner rank
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     gradient_checkpointing: bool = False  # recompute activations in backward
+    lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0: off)
 
 
 @dataclass
@@ -165,6 +181,9 @@ class CheckpointConfig:
 class SyncConfig:
     bucket_mb: float = 64.0  # size of one broadcast bucket
     backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    # with LoRA: merged (full weights, adapters merged in) | adapters (LoRA A/B only; the hf backend
+    # merges them into its base weights) | auto (adapters on hf, merged on vllm)
+    lora: str = "auto"
 
 
 @dataclass
@@ -241,6 +260,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
                 raise ConfigError(f"reward.functions[{i}]: {_one_line(err)}") from None
         cfg: Config = OmegaConf.to_object(merged)
         cfg.reward.functions = [OmegaConf.to_object(s) for s in specs]
+        if cfg.reference.source == "auto":  # made concrete: the saved config shows the choice
+            cfg.reference.source = "adapters_off" if cfg.learner.lora.rank > 0 else "worker"
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
@@ -290,6 +311,8 @@ def validate(cfg: Config) -> None:
     if r.backend == "vllm":
         _validate_vllm(r)
 
+    _check(cfg.reference.source in ("auto", "worker", "adapters_off"), "reference.source",
+           "must be auto, worker or adapters_off")
     _check(cfg.reference.num_workers >= 1, "reference.num_workers", "must be >= 1")
     _check(cfg.reference.transport in ("hidden", "logits"), "reference.transport",
            "must be hidden or logits")
@@ -306,6 +329,7 @@ def validate(cfg: Config) -> None:
     _check(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     _check(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas",
            "must be two numbers in [0, 1)")
+    _validate_lora(cfg)
 
     a = cfg.algo
     _check(0 <= a.clip_low < 1, "algo.clip_low", "must be in [0, 1)")
@@ -343,6 +367,35 @@ def validate(cfg: Config) -> None:
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
     _validate_placement(cfg)
     _validate_faults(cfg)
+
+
+def _validate_lora(cfg: Config) -> None:
+    """learner.lora and what depends on it (the reference source, the LoRA sync mode). Target
+    modules that match nothing in the model are caught when the learner builds it."""
+    lo = cfg.learner.lora
+    _check(lo.rank >= 0, "learner.lora.rank", "must be >= 0 (0: full fine-tuning)")
+    _check(lo.alpha > 0, "learner.lora.alpha", "must be > 0")
+    _check(0 <= lo.dropout < 1, "learner.lora.dropout", "must be in [0, 1)")
+    _check(len(lo.target_modules) > 0 and all(isinstance(m, str) and m for m in lo.target_modules),
+           "learner.lora.target_modules", "must be a non-empty list of module names")
+    if cfg.reference.source == "adapters_off":
+        _check(lo.rank > 0, "reference.source",
+               "adapters_off takes pi_ref from the learner's base weights and needs LoRA "
+               "(learner.lora.rank > 0); full fine-tuning uses reference.source=worker")
+    _check(cfg.sync.lora in ("auto", "merged", "adapters"), "sync.lora", "must be auto, merged or adapters")
+    if cfg.sync.lora == "adapters":
+        _check(cfg.rollout.backend == "hf", "sync.lora",
+               "adapters needs rollout.backend=hf (the vllm backend receives merged weights): use "
+               "sync.lora=merged or auto")
+
+
+def lora_sync_mode(cfg: Config) -> str:
+    """What a sync sends: full (no LoRA), merged or adapters (sync.lora=auto resolved)."""
+    if cfg.learner.lora.rank == 0:
+        return "full"
+    if cfg.sync.lora != "auto":
+        return cfg.sync.lora
+    return "adapters" if cfg.rollout.backend == "hf" else "merged"
 
 
 def uses_sampler_logprobs(cfg: Config) -> bool:
@@ -419,6 +472,12 @@ IGNORED_KEYS = [
        "no token is masked") for k in ("mis_bounds", "mis_level")],
     ("checkpoint.keep", lambda c: c.checkpoint.every == 0, "checkpoint.every=0", "no checkpoints are saved"),
     ("logging.wandb_project", lambda c: not c.logging.wandb, "logging.wandb=false", "nothing goes to W&B"),
+    *[(f"learner.lora.{k}", lambda c: c.learner.lora.rank == 0, "learner.lora.rank=0",
+       "full fine-tuning, no adapters") for k in ("alpha", "dropout", "target_modules", "save_merged")],
+    ("sync.lora", lambda c: c.learner.lora.rank == 0, "learner.lora.rank=0", "the full weights are sent"),
+    *[(f"reference.{k}", lambda c: c.reference.source == "adapters_off", "reference.source=adapters_off",
+       "the learners compute pi_ref with the adapters disabled; no reference workers start")
+      for k in ("num_workers", "transport", "num_gpus", "num_cpus", "resources", "micro_batch")],
 ]
 
 

@@ -50,7 +50,8 @@ def _groups(cfg: Config) -> list:
     return [
         _Group("rollout", "rollout.num_workers", r.num_workers,
                {"CPU": r.num_cpus, "GPU": r.num_gpus, **r.resources}),
-        _Group("reference", "reference.num_workers", ref.num_workers,
+        # reference.source=adapters_off: pi_ref comes from the learners, no reference workers
+        _Group("reference", "reference.num_workers", 0 if ref.source == "adapters_off" else ref.num_workers,
                {"CPU": ref.num_cpus, "GPU": ref.num_gpus, **ref.resources}),
         _Group("learner", "learner.num_ranks", lr.num_ranks,
                {"CPU": lr.num_cpus, "GPU": lr.num_gpus, **lr.resources}),

@@ -4,7 +4,9 @@ One step (`train_step`):
 1. take B prompts; rollout workers sample G responses each from pi_old (tagged with its version);
 2. score them (reward pool), build the padded batch;
 3. reference workers return final hidden states (or logits) at the response positions (launched
-   with step 1: each starts as soon as the sample exists, without a round trip through the driver);
+   with step 1: each starts as soon as the sample exists, without a round trip through the driver;
+   with LoRA and reference.source=adapters_off there are no reference workers: the learners run
+   the base model, adapters disabled, themselves);
 4. learners compute pi_old / pi_ref log-probs, the driver turns rewards into group advantages
    (KL folded into the reward first in `reward` mode), learners run mu epochs of minibatches;
 5. learner rank 0 broadcasts the new weights; rollout workers load them and the checksums match.
@@ -19,6 +21,7 @@ worker restart (the step is redone) and stops the run clearly on what cannot be 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -30,7 +33,7 @@ from system import checkpoint
 from system.actor_group import ActorGroup, placement_line
 from system.algo.advantages import group_advantages
 from system.algo.kl import get_kl_mode, kl_in_reward
-from system.config import ConfigError, uses_sampler_logprobs
+from system.config import ConfigError, lora_sync_mode, uses_sampler_logprobs
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.prompts import PromptSampler, PromptSets
 from system.faults import ChecksumMismatch, FaultHandler
@@ -80,8 +83,9 @@ class Trainer:
             "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
             c.rollout.num_gpus, self._rollout_args, env, max_restarts=c.faults.max_actor_restarts,
             resources=c.rollout.resources)
-        self.reference = ActorGroup(
-            "reference", "workers.reference:ReferenceWorker", c.reference.num_workers,
+        self.reference = ActorGroup(  # empty with reference.source=adapters_off: the learners do it
+            "reference", "workers.reference:ReferenceWorker",
+            0 if c.reference.source == "adapters_off" else c.reference.num_workers,
             c.reference.num_cpus, c.reference.num_gpus,
             lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
                        {"micro_batch": c.reference.micro_batch}), env,
@@ -126,7 +130,9 @@ class Trainer:
         rows = c.trainer.prompts_per_step * c.rollout.group_size
         return {"torch_threads": c.ray.torch_threads, "seed": c.seed, "dtype": c.model.dtype,
                 "gradient_checkpointing": lr.gradient_checkpointing,
-                "ref_transport": c.reference.transport, "temperature": c.rollout.temperature,
+                "ref_transport": "hidden" if c.reference.source == "adapters_off" else c.reference.transport,
+                "temperature": c.rollout.temperature, "lora": dataclasses.asdict(lr.lora),
+                "sync_mode": lora_sync_mode(c),
                 "optimizer": lr.optimizer, "lr": lr.lr, "betas": list(lr.betas),
                 "weight_decay": lr.weight_decay, "warmup_steps": lr.warmup_steps,
                 "micro_batch": rows // (lr.num_ranks * lr.minibatches), "grad_clip": lr.grad_clip,
@@ -151,6 +157,7 @@ class Trainer:
             "init_weight_sync", [(host, port, 1 + i, world, backend) for i in range(len(self.rollout))])
         ray.get(refs)
         self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(self.cfg.sync.bucket_mb))
+        self.sync_bytes = sum(b.nbytes for b in self.buckets)  # per rollout worker and sync
 
     def sync_weights(self) -> None:
         """One broadcast from learner rank 0 to every rollout worker; checksums must agree."""
@@ -224,6 +231,8 @@ class Trainer:
         """The reference forward of a sample still being drawn: each reference worker starts on
         its rows as soon as the rollout workers' outputs exist (with rollout_ahead, during the
         learners' update of the step before). Returns refs for reference_rows()."""
+        if not len(self.reference):
+            return None
         G = self.cfg.rollout.group_size
         prompts = [r["prompt_ids"] for r in rows for _ in range(G)]
         parts = _chunks(list(range(len(prompts))), len(self.reference))
@@ -231,7 +240,11 @@ class Trainer:
                 for a, p in zip(self.reference.actors, parts) if p]
 
     def reference_rows(self, batch, launched: list | None = None) -> torch.Tensor:
-        """pi_ref's rows for the batch: those launch_reference() started, or computed now."""
+        """pi_ref's rows for the batch: those launch_reference() started, or computed now; None
+        when the learners compute them (reference.source=adapters_off)."""
+        if not len(self.reference):
+            self.last_ref_bytes = 0
+            return None
         if launched is None:
             parts = _chunks(list(range(batch.size)), len(self.reference))
             launched = [a.forward.remote(**batch.reference_inputs(torch.tensor(p))) for a, p in
@@ -245,7 +258,8 @@ class Trainer:
         index, normalizers = split_for_learners(batch, c.learner.num_ranks, c.learner.minibatches,
                                                 c.algo.aggregation)
         prep = self.learners.call_each("prepare", [
-            (batch.rows(i), split_packed(ref_rows, batch.loss_mask, i)) for i in index])
+            (batch.rows(i), None if ref_rows is None else split_packed(ref_rows, batch.loss_mask, i))
+            for i in index])
         mismatch = reduce_learner_steps([[p["mismatch"]] for p in prep]) if "mismatch" in prep[0] else {}
         adv, adv_metrics = group_advantages(rewards, c.rollout.group_size, c.algo.scale_by_std)
         if not self.kl_mode.in_loss:  # PPO-style: k1 of pi_old as a per-token reward
@@ -293,7 +307,7 @@ class Trainer:
             "ref_bytes": self.last_ref_bytes, "ref_bytes_per_token": self.last_ref_bytes / max(n_tokens, 1),
             "tokens_per_s": n_tokens / step_s, "step_s": step_s, "policy_version": self.version,
             "staleness": staleness,
-            "weight_norm": self.weight_norm,
+            "weight_norm": self.weight_norm, "sync_bytes": self.sync_bytes,
             **{f"time_{k}": v for k, v in phases.seconds.items()},
             **{k: v for k, v in reward_metrics.items() if isinstance(v, (int, float))},
         }

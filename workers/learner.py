@@ -4,10 +4,13 @@ Steps, driven by system/trainer.py:
 1. `init_process_group` + `build`: join DeepSpeed's group (gloo on CPU, NCCL on GPU), wrap the
    policy and a frozen copy of the reference output head in `PolicyWithHead`, and create the engine
    (ZeRO 0-3; under ZeRO-3 the output head is registered as an external parameter of the wrapper,
-   so DeepSpeed gathers it for the fused op and reduces its gradient).
+   so DeepSpeed gathers it for the fused op and reduces its gradient). With learner.lora.rank > 0
+   the policy is wrapped in peft LoRA adapters and only they train (workers/lora.py).
 2. `prepare(shard, ref_rows)`: before any update, the sampled tokens' log-probs under pi_old and
    pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs and the KL are of
-   the distributions at the rollout temperature (`PolicyWithHead` says why).
+   the distributions at the rollout temperature (`PolicyWithHead` says why). With LoRA and
+   reference.source=adapters_off no rows come in: pi_ref is the base model, and its hidden states
+   come from the learner's own forward with the adapters disabled.
 3. `update(advantages, normalizers)`: mu epochs over the minibatches; each minibatch is one
    optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
    average to the whole minibatch's gradient. A minibatch whose loss or gradients are NaN/inf on
@@ -15,7 +18,7 @@ Steps, driven by system/trainer.py:
    Each step's statistics are this rank's share; the driver combines the ranks'
    (`system.metrics.reduce_learner_steps`), so the logged metrics do not depend on the rank count.
 4. `send_weights`: rank 0 broadcasts the parameters to the rollout workers (all ranks join the
-   gather under ZeRO-3).
+   gather under ZeRO-3); with LoRA, the merged weights or the adapters alone (sync.lora).
 
 Run through the trainer: `python -m system.train --config configs/debug.yaml`.
 """
@@ -37,6 +40,7 @@ from system.algo.losses import grpo_loss
 from system.algo.off_policy import CorrectionSettings, rollout_correction
 from system.config import ConfigError
 from workers.common import load_causal_lm, output_head_problem, setup_process
+from workers.lora import adapter_view, apply_lora, full_view, merged_view
 from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, plan_buckets
 
 
@@ -64,10 +68,21 @@ class PolicyWithHead(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.policy.get_output_embeddings().weight
 
+    def backbone(self) -> nn.Module:
+        """The transformer under the output head (of the adapted model, with LoRA)."""
+        lora = hasattr(self.policy, "disable_adapter")  # a peft model
+        return (self.policy.get_base_model() if lora else self.policy).base_model
+
     def hidden_at(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:
         """Final hidden states at the positions that predict response tokens: [M, H]."""
-        out = self.policy.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        out = self.backbone()(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state[:, :-1][loss_mask.bool()]
+
+    @torch.no_grad()
+    def base_hidden_at(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+        """With LoRA, pi_ref's hidden states: the same forward with the adapters disabled: [M, H]."""
+        with self.policy.disable_adapter():
+            return self.hidden_at(input_ids, attention_mask, loss_mask)
 
     def forward(self, input_ids, attention_mask, loss_mask, ref_rows, chunk_size: int):
         """pi_theta^T's log-prob of each sampled token, KL(pi_theta^T || pi_ref^T) and entropy: [M] each."""
@@ -148,8 +163,13 @@ class LearnerWorker:
         ref_head = None
         if c["ref_transport"] == "hidden":  # the reference model is the starting policy
             ref_head = policy.get_output_embeddings().weight.detach().clone()
+        if self.lora:
+            if c.get("gradient_checkpointing"):  # the frozen embeddings' output must carry grad
+                policy.enable_input_require_grads()
+            policy = apply_lora(policy, c["lora"])
         module = PolicyWithHead(policy, ref_head, c.get("temperature", 1.0))
-        optimizer = OPTIMIZERS[c.get("optimizer", "adamw")](module.policy.parameters(), c)
+        trainable = [p for p in module.policy.parameters() if p.requires_grad]
+        optimizer = OPTIMIZERS[c.get("optimizer", "adamw")](trainable, c)
         warmup = max(1, c["warmup_steps"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         ds_config = {
@@ -166,7 +186,21 @@ class LearnerWorker:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         if c["zero_stage"] == 3:
             deepspeed.zero.register_external_parameter(self.engine.module, module.head_weight())
-        return {"params": sum(p.numel() for p in module.policy.parameters())}
+        self.views = self._sync_views()
+        return {"params": sum(p.numel() for p in module.policy.parameters()),
+                "trainable": sum(p.numel() for p in trainable)}
+
+    @property
+    def lora(self) -> bool:
+        return self.cfg.get("lora", {}).get("rank", 0) > 0
+
+    def _sync_views(self) -> dict:
+        """{"held": the policy as rollout workers hold it, "sent": what a sync sends} (workers/lora.py)."""
+        policy = self.engine.module.policy
+        if not self.lora:
+            return {"held": full_view(policy), "sent": full_view(policy)}
+        held = merged_view(policy)
+        return {"held": held, "sent": adapter_view(policy) if self.cfg["sync_mode"] == "adapters" else held}
 
     # ---- one training step --------------------------------------------------------------------
     def prepare(self, shard: dict, ref_rows: torch.Tensor) -> dict:
@@ -183,6 +217,10 @@ class LearnerWorker:
         module, chunk, dev = self.engine.module, c["chunk_size"], self.device
         sampler_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
         proximal = c.get("pi_old", "sampler") == "proximal" or sampler_logp is None
+        if ref_rows is None:  # reference.source=adapters_off: pi_ref is the base, adapters disabled
+            ref_rows = torch.cat([module.base_hidden_at(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
+                                                        mb["loss_mask"].to(dev)).cpu()
+                                  for mb in self._minibatches(shard)])
         with torch.no_grad(), _gathered([module.head_weight()], c["zero_stage"]):
             if proximal:
                 olds = [module.logprobs(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
@@ -310,22 +348,30 @@ class LearnerWorker:
         return os.getpid()
 
     # ---- checkpoints (DeepSpeed's own format: model, optimizer and scheduler, per rank) -------
+    # with LoRA the frozen base weights are left out: they are the model directory's
     def save_checkpoint(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag="state", client_state={"version": self.version})
+        self.engine.save_checkpoint(directory, tag="state", client_state={"version": self.version},
+                                    exclude_frozen_parameters=self.lora)
 
     def load_checkpoint(self, directory: str) -> None:
         path, client = self.engine.load_checkpoint(directory, tag="state", load_optimizer_states=True,
-                                                   load_lr_scheduler_states=True)
+                                                   load_lr_scheduler_states=True,
+                                                   load_module_strict=not self.lora)
         if path is None:
             raise RuntimeError(f"learner rank {self.rank}: no DeepSpeed checkpoint in {directory}")
         self.version = client["version"]
 
     # ---- weights out --------------------------------------------------------------------------
-    def _named_params(self):
-        return list(self.engine.module.policy.named_parameters())
+    def _each_gathered(self, view: dict):
+        """(name, entry) of a view, each entry's parameters gathered while it is in hand (ZeRO-3:
+        every rank must iterate)."""
+        for name, entry in view.items():
+            with _gathered(list(entry.params), self.cfg["zero_stage"]):
+                yield name, entry
 
     def weight_buckets(self, bucket_mb: float) -> list[Bucket]:
-        metas = [TensorMeta(n, tuple(_full_shape(p)), p.dtype) for n, p in self._named_params()]
+        metas = [TensorMeta(n, tuple(_full_shape(e.params[0])), e.params[0].dtype)
+                 for n, e in self.views["sent"].items()]
         return plan_buckets(metas, int(bucket_mb * 2**20))
 
     def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> bool:
@@ -334,40 +380,65 @@ class LearnerWorker:
         return True
 
     def send_weights(self, buckets: list[Bucket]) -> list[float] | None:
-        """Broadcast the policy in buckets (rank 0); returns its checksum. All ranks must call."""
-        params = dict(self._named_params())
+        """Broadcast the policy in buckets (rank 0); returns the checksum of the weights the rollout
+        workers must then hold (with adapter-only sync, of the merged weights, not of what was
+        sent: a receiver that did not merge is caught). All ranks must call."""
+        sent, held = self.views["sent"], self.views["held"]
         digest = [0.0, 0.0]  # checksum sums add up bucket by bucket: no copy of the weights kept
 
         def tensors(bucket: Bucket):
-            ts = [params[m.name] for m in bucket.tensors]
-            part = checksum(zip(bucket.tensors, ts))
-            digest[0], digest[1] = digest[0] + part[0], digest[1] + part[1]
+            ts = [sent[m.name].make() for m in bucket.tensors]
+            if sent is held:
+                part = checksum(zip(bucket.tensors, ts))
+                digest[0], digest[1] = digest[0] + part[0], digest[1] + part[1]
             return ts
 
-        if self.cfg["zero_stage"] == 3:  # gather one bucket at a time, every rank joins
-            for bucket in buckets:
-                with _gathered([params[m.name] for m in bucket.tensors], 3):
-                    if self.rank == 0:
-                        self.sync.send([bucket], tensors)
-        elif self.rank == 0:  # one call: packing overlaps the wire; ZeRO-1/2's flat buffer needs no packing
-            self.sync.send(buckets, tensors)
+        with torch.no_grad():
+            if self.cfg["zero_stage"] == 3:  # gather one bucket at a time, every rank joins
+                for bucket in buckets:
+                    with _gathered([p for m in bucket.tensors for p in sent[m.name].params], 3):
+                        if self.rank == 0:
+                            self.sync.send([bucket], tensors)
+            elif self.rank == 0:  # one call: packing overlaps the wire; ZeRO-1/2's flat buffer needs no packing
+                self.sync.send(buckets, tensors)
+            if sent is not held:
+                digest = checksum((n, e.make()) for n, e in self._each_gathered(held))
         return digest if self.rank == 0 else None
 
     def weights(self) -> dict | None:
-        named = self._named_params()
-        with _gathered([p for _, p in named], self.cfg["zero_stage"]):
-            if self.rank == 0:
-                return {n: p.detach().cpu().clone() for n, p in named}
-        return None
+        """The policy as the rollout workers hold it (rank 0; None on the others)."""
+        with torch.no_grad():
+            out = {n: e.make().cpu().clone() for n, e in self._each_gathered(self.views["held"])}
+        return out if self.rank == 0 else None
 
     def save_pretrained(self, path: str, tokenizer_path: str) -> None:
-        named = self._named_params()
+        """A Hugging Face directory: the policy, or with LoRA the adapters (peft's format) and,
+        with learner.lora.save_merged, the merged model in path/merged."""
+        if self.lora and self.cfg["lora"].get("save_merged"):
+            merged = self.weights()
+            if self.rank == 0:
+                _save_merged(merged, os.path.join(path, "merged"), self.model_path, self.cfg["dtype"])
+        named = list(self.engine.module.policy.named_parameters())
         with _gathered([p for _, p in named], self.cfg["zero_stage"]):
             if self.rank == 0:
                 from transformers import AutoTokenizer
 
                 self.engine.module.policy.save_pretrained(path)
                 AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(path)
+
+
+def _save_merged(weights: dict, path: str, model_path: str, dtype: str) -> None:
+    """The base model with the merged weights loaded, saved with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = load_causal_lm(model_path, dtype, torch.device("cpu"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = {k for k in missing if model.config.tie_word_embeddings and k.endswith("lm_head.weight")}
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"merged weights do not fit the base model: missing "
+                           f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(path)
 
 
 def _all_ranks(ok, device: torch.device) -> bool:

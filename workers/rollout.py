@@ -18,6 +18,7 @@ import os
 import torch
 
 from workers.common import load_causal_lm, pad_batch, seed_all, setup_process
+from workers.lora import AdapterMerger, is_adapter
 from workers.weight_sync import Bucket, SyncGroup, checksum, flatten_parameters, off_by_one
 
 
@@ -32,6 +33,7 @@ class HFBackend:
         self.model.requires_grad_(False)
         flatten_parameters(self.model)  # a bucket is then one span: weight sync receives in place
         self._params = dict(self.model.named_parameters())
+        self._merger = AdapterMerger(self._params)  # adapter-only sync with LoRA (sync.lora)
         tok = AutoTokenizer.from_pretrained(model_path)
         self.eos_id = tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -76,21 +78,30 @@ class HFBackend:
         received = self.sync.receive(buckets, into=self.destinations)
         return self.load_weights(off_by_one(received) if corrupt else received)
 
-    def destinations(self, bucket: Bucket) -> list[torch.Tensor]:
-        """This backend's parameters for a bucket, for SyncGroup.receive to fill in place."""
+    def destinations(self, bucket: Bucket) -> list[torch.Tensor] | None:
+        """This backend's parameters for a bucket, for SyncGroup.receive to fill in place (None for
+        LoRA adapters, which are merged into the parameters instead)."""
+        if any(m.name not in self._params for m in bucket.tensors):
+            return None
         return [self._params[m.name].data for m in bucket.tensors]
 
     def load_weights(self, named_tensors) -> list[float]:
         """Copy each tensor into its parameter; the checksum of what was loaded.
 
-        Summed tensor by tensor as they arrive, so it runs while the next bucket is on the wire."""
-        digest = [0.0, 0.0]
+        Summed tensor by tensor as they arrive, so it runs while the next bucket is on the wire.
+        LoRA adapters (A and s * B) are merged into the kept base weights instead, and the checksum
+        is then of all the weights this backend holds afterwards."""
+        digest, adapters = [0.0, 0.0], False
         for name, tensor in named_tensors:
+            if is_adapter(name):
+                self._merger.add(name, tensor)
+                adapters = True
+                continue
             param = self._params[name].data
             param.copy_(tensor)  # a no-op where it was received in place
             part = checksum([(name, param)])
             digest[0], digest[1] = digest[0] + part[0], digest[1] + part[1]
-        return digest
+        return checksum(self._params.items()) if adapters else digest
 
 
 class RolloutWorker:

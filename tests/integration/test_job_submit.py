@@ -43,6 +43,10 @@ SOCKET_PATH_MAX = 107  # AF_UNIX path limit on Linux (108 bytes with the NUL)
 # <temp>/session_2026-01-01_00-00-00_000000_12345/sockets/plasma_store: the longest socket Ray makes
 SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_1234567/sockets/plasma_store")
 JOB_TIMEOUT_S = 480
+# the job's size, as TEST_OVERRIDES (tests/integration/conftest.py) in words without spaces:
+# `ray job submit` joins the entrypoint's words with spaces
+JOB_SIZE = ["model.debug_settings.warm_start.steps=30", "trainer.prompts_per_step=8",
+            "rollout.group_size=4", "learner.minibatches=1", "trainer.progress_bar=false"]
 
 pytestmark = pytest.mark.slow
 
@@ -252,7 +256,7 @@ def test_debug_training_job_succeeds(ray_head, tmp_path):
     out = tmp_path / "outputs"
     submission_id = ray_head.submit(
         "python", "-m", "system.train", "--config", "configs/debug.yaml", "trainer.steps=2", "eval.size=16",
-        f"output_dir={out}", "run_name=jobtest",
+        f"output_dir={out}", "run_name=jobtest", *JOB_SIZE,
         # the repo's cached debug model: the working-dir copy has no .cache/ (excluded)
         f"model.debug_cache={ROOT / '.cache' / 'debug_model'}")
     assert ray_head.wait(submission_id) == "SUCCEEDED"

@@ -1,16 +1,18 @@
 """Several Ray nodes on one machine: roles placed on different nodes by config, weights synced
-between them.
+between them, and nodes lost mid-run.
 
     pytest tests/integration/test_multinode.py
 
 tests/integration/multinode_run.py starts a head and three worker nodes on 127.0.0.1 (each node its
-own raylet, with its own CPUs and a custom resource: learner_node, sampler_node x2) and runs three
-debug steps with the learners on one node and rollout + reference on the sampler nodes, removing
-the rollout worker's node before step 2; the run must recover on the other sampler node and
-finish. It runs in a process and a session of its own, with a
-private RAY_TMPDIR (ray.cluster_utils writes the cluster's address to <RAY_TMPDIR>/ray/
-ray_current_cluster, which `ray.init(address="auto")` elsewhere on this machine would otherwise
-find) and token authentication on; whatever of that session is left afterwards is killed by pid.
+own raylet, with its own CPUs and a custom resource: learner_node, sampler_node x2) and runs four
+debug steps with the learners on one node and rollout + reference on the sampler nodes. It removes
+the rollout worker's node before step 2 (the run must recover on the other sampler node) and the
+learners' node before step 3 (the run must stop, naming the node); then it starts a fresh cluster
+and runs the same command with trainer.resume=auto, which must finish the run. It runs in a process
+and a session of its own, with a private RAY_TMPDIR (ray.cluster_utils writes the cluster's address
+to <RAY_TMPDIR>/ray/ray_current_cluster, which `ray.init(address="auto")` elsewhere on this machine
+would otherwise find) and token authentication on; whatever of that session is left afterwards is
+killed by pid.
 """
 
 from __future__ import annotations
@@ -61,40 +63,61 @@ def _run_on_cluster(tmp_path: Path, *overrides: str) -> tuple:
     return results[0], out
 
 
-def _placement(out: str) -> dict:
-    """{group: set of short node ids} from the driver's `[placement] ...` line."""
-    (line,) = [l for l in out.splitlines() if l.startswith("[placement] ")]
-    return {group: set(re.findall(r"@node (\w+)", where))
-            for group, where in (part.split(": ", 1) for part in line[len("[placement] "):].split(" | "))}
+def _placements(out: str) -> list[dict]:
+    """{group: set of short node ids} from each `[placement] ...` line the driver printed."""
+    return [{group: set(re.findall(r"@node (\w+)", where))
+             for group, where in (part.split(": ", 1) for part in line[len("[placement] "):].split(" | "))}
+            for line in out.splitlines() if line.startswith("[placement] ")]
 
 
 @pytest.mark.timeout(900)
-def test_run_across_nodes_survives_losing_the_rollout_workers_node(tmp_path):
+def test_run_across_nodes_survives_a_lost_rollout_node_and_resumes_after_a_lost_learner_node(tmp_path):
     """Learners on one node, rollout and reference on the sampler nodes, as placed by config; the
     weights cross nodes at every sync (a checksum mismatch would print a "[faults] weight sync"
-    line, and a second one stops the run). Before step 2 the rollout worker's node is removed: Ray
-    reschedules the worker on the other sampler node, it rejoins a new sync group and gets the
-    current weights, and the run finishes; the driver logs how long the recovery took. One run for
-    both checks: a cluster start costs more than the steps."""
+    line, and a second one stops the run).
+
+    Before step 2 the rollout worker's node is removed: Ray reschedules the worker on the other
+    sampler node, it rejoins a new sync group and gets the current weights; the driver logs how long
+    the recovery took. Before step 3 the learners' node is removed: DeepSpeed's group cannot lose a
+    member, so the run stops with one line naming a learner rank, that node and the step-2
+    checkpoint. A fresh cluster and trainer.resume=auto finish the run from there. One test for all
+    of it: a cluster start costs more than the steps."""
     t0 = time.monotonic()
-    result, out = _run_on_cluster(tmp_path, "trainer.steps=3", "--lose-at", "2")
-    assert result["code"] == 0, out[-6000:]
-    (learner_node,) = [n[:6] for n in result["nodes"]["learner_node"]]
-    sampler_nodes = {n[:6] for n in result["nodes"]["sampler_node"]}
-    placed = _placement(out)
+    result, out = _run_on_cluster(tmp_path, "trainer.steps=4", "checkpoint.every=2",
+                                  "--lose", "rollout@2", "--lose", "learner@3", "--resume-on-fresh-cluster")
+    assert result["codes"] == [1, 0], out[-6000:]
+    first, fresh = result["clusters"]
+    (learner_node,) = [n[:6] for n in first["learner_node"]]
+    sampler_nodes = {n[:6] for n in first["sampler_node"]}
+    placed, placed_again = _placements(out)
     assert placed["learner"] == {learner_node}
     assert placed["rollout"] | placed["reference"] <= sampler_nodes and learner_node not in sampler_nodes
+    assert placed_again["learner"] == {n[:6] for n in fresh["learner_node"]}
     assert "[faults] weight sync" not in out
 
-    assert result["lost"][:6] in placed["rollout"]
-    faults = [l for l in out.splitlines() if l.startswith(("[faults]", "[test]"))]
+    # the rollout worker's node: restarted elsewhere, the run goes on
+    assert result["lost"]["rollout"][:6] in placed["rollout"]
+    faults = [l for l in out.splitlines() if l.startswith(("[faults]", "[test]", "error:"))]
     assert any(l.startswith("[faults] rollout worker 0 restarted") for l in faults), faults
     recovered = re.findall(r"^\[faults\] recovered in ([0-9.]+)s: .*rollout worker 0.* back$", out,
                            re.MULTILINE)
     assert len(recovered) == 1, faults
+
+    # the learners' node: one line naming it and the checkpoint to resume from
+    assert result["lost"]["learner"][:6] == learner_node
+    saved = tmp_path / "multinode" / "checkpoints" / "step_000002"
+    (error,) = [l for l in out.splitlines() if l.startswith("error: ")]
+    assert re.match(rf"error: learner rank [01] on node {learner_node} \(127\.0\.0\.1\) died: ", error), error
+    assert error.endswith(f"Resubmit the same command with trainer.resume=auto to continue from the "
+                          f"latest checkpoint {saved}"), error
+
+    # the fresh cluster: trainer.resume=auto finishes the run
+    assert f"[resume] from {saved}: step 2" in out
     records = [json.loads(l) for l in (tmp_path / "multinode" / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
-    assert [r["step"] for r in train] == [1, 2, 3]
-    assert train[-1]["actor_restarts"] >= 1
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert train[-1]["policy_version"] == 4
+    assert train[-1]["actor_restarts"] >= 1  # the checkpoint carries the count
+    assert (tmp_path / "multinode" / "final" / "config.json").is_file()
     print(f"multi-node run: {time.monotonic() - t0:.0f}s; rollout worker's node lost, recovered in "
-          f"{recovered[0]}s")
+          f"{recovered[0]}s; learners' node lost, resumed on a fresh cluster")

@@ -28,16 +28,25 @@ def _train_records(run_dir):
     return [x for x in lines if x["kind"] == "train"]
 
 
-@pytest.mark.parametrize("ahead", [0, 2])
-def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahead):
+# LoRA on 2 ranks, pi_ref from the base weights with the adapters off (reference.source=auto),
+# adapter-only sync (whose checksums the driver compares at every sync), the merged model saved
+# too; a high lr so the adapters move in 4 steps
+LORA = ("learner.lora.rank=8", "learner.lr=1e-2", "learner.lora.save_merged=true")
+
+
+@pytest.mark.parametrize("ahead, lora", [(0, ()), (2, ()), (1, LORA)], ids=["on-policy", "ahead", "lora"])
+def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahead, lora):
     """A run killed after its step-2 checkpoint and resumed equals the uninterrupted run. With
     rollout_ahead=2 the checkpoint holds the samples drawn for steps 3 and 4 by the policies before
-    step 1's and step 2's updates; the resumed run learns from them, as the uninterrupted one does, and
-    no sample is learned more than 2 versions after it was drawn."""
+    step 1's and step 2's updates; the resumed run learns from them, as the uninterrupted one does,
+    and no sample is learned more than 2 versions after it was drawn. With LoRA (and rollout_ahead=1)
+    the checkpoints and final/ hold the adapters (the base weights are the model directory's), and the
+    resumed part takes pi_ref from a reference worker instead of the learners' base weights: the
+    same KL and loss, with adapters away from zero, show the two sources agree."""
     from system.trainer import Trainer
 
-    a = f"trainer.rollout_ahead={ahead}"
-    straight = _run(tmp_path, "straight", "trainer.steps=4", a)
+    a = (f"trainer.rollout_ahead={ahead}", *lora)
+    straight = _run(tmp_path, "straight", "trainer.steps=4", *a)
 
     real_save = Trainer.save_checkpoint
 
@@ -49,14 +58,15 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahe
 
     monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_step_2)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "resumed", "trainer.steps=4", a)
+        _run(tmp_path, "resumed", "trainer.steps=4", *a)
     pending = tmp_path / "resumed" / "checkpoints" / "step_000002" / "pending_sample.pt"
     assert pending.exists() == bool(ahead)
-    if ahead:  # both in-flight samples, with the versions that drew them
+    if ahead:  # every in-flight sample, with the version that drew it
         saved = torch.load(pending, weights_only=False)
-        assert [(x["step"], x["version"]) for x in saved] == [(3, 0), (4, 1)]
+        assert [(x["step"], x["version"]) for x in saved] == [(3 + i, 2 - ahead + i) for i in range(ahead)]
     monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
-    resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", a)
+    other_source = ("reference.source=worker",) if lora else ()
+    resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", *a, *other_source)
 
     a, b = _train_records(straight), _train_records(resumed)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4]
@@ -66,11 +76,34 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahe
         for key in ("loss", "reward_mean", "kl_full", "clip_frac", "behavior_logp_gap"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     assert any(abs(x["loss"]) > 0 for x in a)  # a real update happened
-    wa = load_file(straight / "final" / "model.safetensors")
-    wb = load_file(resumed / "final" / "model.safetensors")
+    weights = "model.safetensors"
+    if lora:
+        weights = "adapter_model.safetensors"
+        assert a[-1]["kl_full"] > 1e-4 and a[-1]["ref_bytes"] == 0 < b[-1]["ref_bytes"]
+        _check_lora_outputs(straight)
+    wa = load_file(straight / "final" / weights)
+    wb = load_file(resumed / "final" / weights)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0), k
+
+
+def _check_lora_outputs(run) -> None:
+    """A sync sends the adapters only; final/ loads as a peft adapter on the base model and equals
+    final/merged, the merged Hugging Face model, which differs from the base."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = dict(AutoModelForCausalLM.from_pretrained(run / "final" / "merged").named_parameters())
+    full_bytes = sum(p.numel() * p.element_size() for p in merged.values())
+    sync_bytes = _train_records(run)[-1]["sync_bytes"]
+    assert 0 < sync_bytes < full_bytes / 4, (sync_bytes, full_bytes)
+    base_path = json.loads((run / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    base = dict(AutoModelForCausalLM.from_pretrained(base_path).named_parameters())
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), run / "final")
+    for name, p in adapted.merge_and_unload().named_parameters():
+        assert torch.allclose(p, merged[name], atol=1e-6, rtol=0), name
+    assert any(not torch.equal(base[k], merged[k]) for k in merged)
 
 
 def test_crash_before_latest_pointer_resumes_from_previous_checkpoint(ray_cluster, tmp_path,

@@ -99,6 +99,39 @@ def test_vllm_engine_settings_are_checked(overrides, key, reason):
     assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("overrides, key, reason", [
+    (["learner.lora.rank=-1"], "learner.lora.rank", ">= 0"),
+    (["learner.lora.rank=8", "learner.lora.alpha=0"], "learner.lora.alpha", "> 0"),
+    (["learner.lora.rank=8", "learner.lora.dropout=1.0"], "learner.lora.dropout", "[0, 1)"),
+    (["learner.lora.rank=8", "learner.lora.target_modules=[]"], "learner.lora.target_modules", "non-empty"),
+    (["reference.source=adapters_off"], "reference.source", "needs LoRA"),
+    (["reference.source=frozen"], "reference.source", "auto, worker or adapters_off"),
+    (["learner.lora.rank=8", "sync.lora=deltas"], "sync.lora", "auto, merged or adapters"),
+    (["learner.lora.rank=8", "sync.lora=adapters", "rollout.backend=vllm"], "sync.lora", "rollout.backend=hf"),
+])
+def test_lora_settings_are_checked(overrides, key, reason):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, overrides)
+    assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
+
+
+def test_lora_sync_mode_and_ignored_keys():
+    from system.config import ignored_keys, lora_sync_mode
+
+    lora = ["learner.lora.rank=8"]
+    assert load_config(DEBUG).reference.source == "worker"
+    assert load_config(DEBUG, lora).reference.source == "adapters_off"  # auto, made concrete
+    assert load_config(DEBUG, [*lora, "reference.source=worker"]).reference.source == "worker"
+    assert lora_sync_mode(load_config(DEBUG)) == "full"
+    assert lora_sync_mode(load_config(DEBUG, lora)) == "adapters"
+    assert lora_sync_mode(load_config(DEBUG, [*lora, "rollout.backend=vllm"])) == "merged"
+    assert lora_sync_mode(load_config(DEBUG, [*lora, "sync.lora=merged"])) == "merged"
+    assert [w.split(":")[0] for w in ignored_keys(load_config(DEBUG, ["learner.lora.alpha=8"]))] == \
+        ["learner.lora.alpha"]
+    warned = ignored_keys(load_config(DEBUG, [*lora, "reference.transport=logits"]))
+    assert "reference.transport" in [w.split(":")[0] for w in warned]
+
+
 def test_reversed_clip_bounds_are_rejected():
     with pytest.raises(ConfigError, match="algo.clip"):
         load_config(DEBUG, ["algo.clip_low=0.3", "algo.clip_high=-0.5"])

@@ -9,7 +9,7 @@ BLOCK = """
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("vllm", "deepspeed"):
+        if name.split(".")[0] in ("vllm", "deepspeed", "peft"):
             raise ImportError(f"blocked: {name}")
 sys.meta_path.insert(0, Block())
 """
@@ -25,7 +25,7 @@ except ImportError as err:
     assert "blocked" in str(err)
 else:
     raise SystemExit("the import block did not work")
-assert not any(m.split(".")[0] in ("vllm", "deepspeed") for m in sys.modules)
+assert not any(m.split(".")[0] in ("vllm", "deepspeed", "peft") for m in sys.modules)
 print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
