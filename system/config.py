@@ -139,11 +139,11 @@ class AlgoConfig:
     aggregation: str = "token-mean"  # token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
     scale_by_std: bool = True  # divide advantages by the group std (False: Dr.GRPO)
     # off-policy samples (system/algo/off_policy.py has the formulas):
-    pi_old: str = "sampler"  # sampler (ratio pi_theta / pi_sampler) | proximal (decoupled: clip against the learner's own pi_old)
-    rollout_correction: str = "none"  # none | tis | mis: weight pi_prox / pi_sampler on the pg term (needs pi_old=proximal)
-    tis_cap: float = 2.0  # tis: weight min(pi_prox / pi_sampler, C) (C = 2: verl's threshold, the TIS write-up)
-    mis_bounds: list = field(default_factory=lambda: [0.5, 2.0])  # mis: keep tokens whose ratio is in [lo, hi]
-    mis_level: str = "token"  # mis: token (mask tokens) | sequence (the sequence's ratio product masks it whole)
+    pi_old: str = "sampler"  # sampler (ratio over the sampler's log-probs) | proximal (decoupled objective)
+    rollout_correction: str = "none"  # none | tis | mis: pi_prox / pi_sampler on the pg term (pi_old=proximal)
+    tis_cap: float = 2.0  # tis: weight min(pi_prox / pi_sampler, C); 2 as verl's default threshold
+    mis_bounds: list = field(default_factory=lambda: [0.5, 2.0])  # mis: keep tokens with ratio in [lo, hi]
+    mis_level: str = "token"  # mis: token | sequence (the product of its ratios keeps or masks a response)
     kl: KLConfig = field(default_factory=KLConfig)  # KL regulariser
 
 
@@ -151,7 +151,7 @@ class AlgoConfig:
 class TrainerConfig:
     steps: int = 10  # training steps (one batch of prompts each)
     prompts_per_step: int = 16  # B: prompts per step
-    rollout_ahead: int = 1  # k: up to k samples in flight, each learned <= k policy versions after it was drawn (0: on-policy)
+    rollout_ahead: int = 1  # k: up to k samples in flight, learned <= k versions after drawn (0: on-policy)
     resume: str = "none"  # none | auto | a checkpoint directory
     progress_bar: bool = True  # tqdm progress bar on a terminal console, console lines printed above it
 
@@ -352,7 +352,8 @@ def validate(cfg: Config) -> None:
         _check(r.top_p == 1.0, "rollout.top_p",
                f"is {r.top_p:g}; trainer.rollout_ahead={t.rollout_ahead} and algo.pi_old="
                f"{a.pi_old} need 1.0 (the sampler's log-probs enter the loss, of the untruncated "
-               f"distribution): set trainer.rollout_ahead=0 to use nucleus sampling")
+               f"distribution): set trainer.rollout_ahead=0 and algo.pi_old=sampler to use "
+               f"nucleus sampling")
     samples = t.prompts_per_step * r.group_size
     _check(samples % (lr.num_ranks * lr.minibatches) == 0, "trainer.prompts_per_step",
            f"prompts_per_step * group_size = {samples} must divide evenly into "
@@ -415,7 +416,8 @@ def _validate_off_policy(cfg: Config) -> None:
                f"(with pi_old=sampler the ratio pi_theta / pi_sampler already divides by the sampler)")
     _check(a.tis_cap >= 1, "algo.tis_cap", "must be >= 1 (a cap below 1 shrinks even on-policy tokens)")
     _check(len(a.mis_bounds) == 2 and 0 <= a.mis_bounds[0] <= 1 <= a.mis_bounds[1]
-           and a.mis_bounds[0] < a.mis_bounds[1], "algo.mis_bounds", "must be [lo, hi] with 0 <= lo <= 1 <= hi, lo < hi")
+           and a.mis_bounds[0] < a.mis_bounds[1], "algo.mis_bounds",
+           "must be [lo, hi] with 0 <= lo <= 1 <= hi, lo < hi")
     _check(a.mis_level in MIS_LEVELS, "algo.mis_level", f"must be one of {', '.join(MIS_LEVELS)}")
 
 
