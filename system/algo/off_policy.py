@@ -34,7 +34,7 @@ term is untouched):
 
     none   w = 1
     tis    truncated IS, per token:  w_t = min(exp(d_t), C),   d_t = log pi_prox - log pi_sampler
-           (C = algo.tis_cap, 2 as in verl's rollout-correction threshold and the TIS write-up)
+           (C = algo.tis_cap; 2 as verl's default rollout_is_threshold)
     mis    masked IS ("icepop"): w_t = 1 if lo <= rho <= hi else 0, [lo, hi] = algo.mis_bounds;
            rho = exp(d_t) per token (algo.mis_level=token), or the sequence's product
            exp(sum_t d_t) for every token of it (sequence): the whole response is kept or dropped
