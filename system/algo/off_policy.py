@@ -22,8 +22,9 @@ Three policies meet in an update on a sample drawn k versions ago:
 
               whose expectation under pi_sampler is that of the clipped objective under pi_prox.
               w_t is what ``algo.rollout_correction`` turns into a weight (below): `tis` truncates
-              it (AReaL's behaviour-weight cap), `mis` keeps only tokens where it is near 1, `none`
-              drops it (pi_prox is then simply trusted as the sampler: verl's recompute default).
+              it, `mis` keeps only tokens where it is near 1 (AReaL's behav_imp_weight_cap drops
+              the tokens above its cap: an upper-only mis), `none` drops it (pi_prox is then
+              trusted as the sampler: verl's recompute default).
               Cost: one no-grad learner forward over the batch per update, which sampler mode
               skips when the sample carries the sampler's log-probs.
 
