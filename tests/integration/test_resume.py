@@ -34,39 +34,66 @@ def _train_records(run_dir):
 LORA = ("learner.lora.rank=8", "learner.lr=1e-2", "learner.lora.save_merged=true")
 
 
-@pytest.mark.parametrize("ahead, lora", [(0, ()), (2, ()), (1, LORA)], ids=["on-policy", "ahead", "lora"])
-def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahead, lora):
-    """A run killed after its step-2 checkpoint and resumed equals the uninterrupted run. With
-    rollout_ahead=2 the checkpoint holds the samples drawn for steps 3 and 4 by the policies before
-    step 1's and step 2's updates; the resumed run learns from them, as the uninterrupted one does,
-    and no sample is learned more than 2 versions after it was drawn. With LoRA (and rollout_ahead=1)
-    the checkpoints and final/ hold the adapters (the base weights are the model directory's), and the
-    resumed part takes pi_ref from a reference worker instead of the learners' base weights: the
-    same KL and loss, with adapters away from zero, show the two sources agree."""
+def _kill_after_step_2_checkpoint(monkeypatch) -> None:
     from system.trainer import Trainer
-
-    a = (f"trainer.rollout_ahead={ahead}", *lora)
-    straight = _run(tmp_path, "straight", "trainer.steps=4", *a)
 
     real_save = Trainer.save_checkpoint
 
-    def killed_after_step_2(self, step, start_eval):
+    def killed(self, step, start_eval):
         path = real_save(self, step, start_eval)
         if step == 2:
             raise KeyboardInterrupt("killed after the step-2 checkpoint")
         return path
 
-    monkeypatch.setattr(Trainer, "save_checkpoint", killed_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "resumed", "trainer.steps=4", *a)
-    pending = tmp_path / "resumed" / "checkpoints" / "step_000002" / "pending_sample.pt"
+    monkeypatch.setattr(Trainer, "save_checkpoint", killed)
+
+
+def _kill_before_step_4_pointer(monkeypatch) -> None:
+    """Step 4's checkpoint files are in place, its `latest` pointer is never written."""
+    from system import checkpoint
+
+    real_write_latest, calls = checkpoint.write_latest, []
+
+    def killed(run_dir, name):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between checkpoint files and latest pointer")
+        real_write_latest(run_dir, name)
+
+    monkeypatch.setattr(checkpoint, "write_latest", killed)
+
+
+@pytest.mark.parametrize("ahead, lora", [(0, ()), (2, ()), (1, LORA)], ids=["on-policy", "ahead", "lora"])
+def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahead, lora):
+    """A run interrupted and resumed from its step-2 checkpoint equals the uninterrupted run.
+
+    On-policy, the run dies between step 4's checkpoint files and its `latest` pointer: the
+    complete but unnamed step-4 checkpoint is not loaded, the run resumes from step 2. Otherwise it
+    is killed after its step-2 checkpoint. With rollout_ahead=2 the checkpoint holds the samples
+    drawn for steps 3 and 4 by the policies before step 1's and step 2's updates; the resumed run
+    learns from them, as the uninterrupted one does, and no sample is learned more than 2 versions
+    after it was drawn. With LoRA (and rollout_ahead=1) the checkpoints and final/ hold the adapters
+    (the base weights are the model directory's), and the resumed part takes pi_ref from a reference
+    worker instead of the learners' base weights: the same KL and loss, with adapters away from
+    zero, show the two sources agree."""
+    a = (f"trainer.rollout_ahead={ahead}", *lora)
+    straight = _run(tmp_path, "straight", "trainer.steps=4", *a)
+
+    with monkeypatch.context() as patch:
+        (_kill_after_step_2_checkpoint if ahead else _kill_before_step_4_pointer)(patch)
+        with pytest.raises(KeyboardInterrupt):
+            _run(tmp_path, "resumed", "trainer.steps=4", *a)
+    root = tmp_path / "resumed" / "checkpoints"
+    assert (root / "latest").read_text().strip() == "step_000002"
+    assert (root / "step_000004").is_dir() == (not ahead)  # complete on disk, never pointed at
+    pending = root / "step_000002" / "pending_sample.pt"
     assert pending.exists() == bool(ahead)
     if ahead:  # every in-flight sample, with the version that drew it
         saved = torch.load(pending, weights_only=False)
         assert [(x["step"], x["version"]) for x in saved] == [(3 + i, 2 - ahead + i) for i in range(ahead)]
-    monkeypatch.setattr(Trainer, "save_checkpoint", real_save)
     other_source = ("reference.source=worker",) if lora else ()
     resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", *a, *other_source)
+    assert (root / "latest").read_text().strip() == "step_000004"
 
     a, b = _train_records(straight), _train_records(resumed)
     assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2, 3, 4]
@@ -104,30 +131,3 @@ def _check_lora_outputs(run) -> None:
     for name, p in adapted.merge_and_unload().named_parameters():
         assert torch.allclose(p, merged[name], atol=1e-6, rtol=0), name
     assert any(not torch.equal(base[k], merged[k]) for k in merged)
-
-
-def test_crash_before_latest_pointer_resumes_from_previous_checkpoint(ray_cluster, tmp_path,
-                                                                      monkeypatch):
-    from system import checkpoint
-
-    real_write_latest = checkpoint.write_latest
-    calls = []
-
-    def dies_on_second_pointer(run_dir, name):
-        calls.append(name)
-        if len(calls) == 2:  # step 4's files are in place, its pointer is never written
-            raise KeyboardInterrupt("killed between checkpoint files and latest pointer")
-        real_write_latest(run_dir, name)
-
-    monkeypatch.setattr(checkpoint, "write_latest", dies_on_second_pointer)
-    with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path, "crash", "trainer.steps=6")
-    root = tmp_path / "crash" / "checkpoints"
-    assert (root / "latest").read_text().strip() == "step_000002"
-    assert (root / "step_000004").is_dir()  # complete on disk, but never pointed at
-
-    monkeypatch.setattr(checkpoint, "write_latest", real_write_latest)
-    run = _run(tmp_path, "crash", "trainer.steps=6", "trainer.resume=auto")
-    steps = [x["step"] for x in _train_records(run)]
-    assert steps == [1, 2, 3, 4, 5, 6]
-    assert (root / "latest").read_text().strip() == "step_000006"
