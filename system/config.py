@@ -227,8 +227,6 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
 
 
-
-
 def _one_line(err: Exception) -> str:
     """OmegaConf errors span several lines; keep the reason and name the key."""
     key = getattr(err, "full_key", None)

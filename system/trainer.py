@@ -227,10 +227,11 @@ class Trainer:
         self.sampler.load_state_dict(self.inflight.data_position(self.sampler.state_dict()))
         self.inflight.clear()
 
-    def launch_reference(self, rows: list[dict], pending: tuple[list, int]) -> list:
+    def launch_reference(self, rows: list[dict], pending: tuple[list, int]) -> list | None:
         """The reference forward of a sample still being drawn: each reference worker starts on
         its rows as soon as the rollout workers' outputs exist (with rollout_ahead, during the
-        learners' update of the step before). Returns refs for reference_rows()."""
+        learners' update of the step before). Returns refs for reference_rows(), or None
+        without reference workers (reference.source=adapters_off)."""
         if not len(self.reference):
             return None
         G = self.cfg.rollout.group_size

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 # log-ratio clamp before exp (as verl): keeps ratio finite, so masked-out garbage never makes inf * 0.
-_MAX_LOG_RATIO = 20.0
+MAX_LOG_RATIO = 20.0
 
 
 def _token_sum(token_loss, m, max_len):
@@ -141,7 +141,7 @@ def grpo_loss(
         raise ValueError(f"dual_clip must be > 1 (or None), got {dual_clip}")
     mask_b = mask.bool()  # [B, T]
     adv = advantages.detach().unsqueeze(-1) if advantages.dim() == 1 else advantages.detach()  # [B, 1] | [B, T]
-    log_ratio = (logp - old_logp.detach()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)  # [B, T]
+    log_ratio = (logp - old_logp.detach()).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)  # [B, T]
     ratio = torch.exp(log_ratio)  # [B, T]
     pg_unclipped = -adv * ratio  # [B, T]
     pg_clipped = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # [B, T]

@@ -61,8 +61,9 @@ from typing import Callable
 
 import torch
 
+from system.algo.losses import MAX_LOG_RATIO  # the clamp before exp, as in the ratio
+
 PI_OLD = ("sampler", "proximal")
-_MAX_LOG_RATIO = 20.0  # as in losses.py: exp stays finite, masked garbage never makes inf * 0
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def _tis(d, mask, s):
 
 def _mis(d, mask, s):
     if s.level == "sequence":
-        seq = torch.where(mask, d, 0.0).sum(dim=-1, keepdim=True).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+        seq = torch.where(mask, d, 0.0).sum(dim=-1, keepdim=True).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
         d = seq.expand_as(d)  # [B, T]: every token carries its sequence's log ratio
     ratio = torch.exp(d)  # [B, T]
     lo, hi = s.bounds
@@ -119,7 +120,7 @@ def rollout_correction(
         raise ValueError(f"unknown rollout correction {mode!r}; valid: {sorted(CORRECTIONS)}")
     m = mask.bool()  # [B, T]
     d = torch.where(m, prox_logp.detach() - sampler_logp.detach(), 0.0)  # [B, T]
-    d = d.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    d = d.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     weight, corrected = fn(d, m, settings)
     weight = torch.where(m, weight, 0.0).to(prox_logp.dtype)
     n = m.sum().clamp(min=1)
