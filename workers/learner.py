@@ -6,12 +6,13 @@ Steps, driven by system/trainer.py:
    (ZeRO 0-3; under ZeRO-3 the output head is registered as an external parameter of the wrapper,
    so DeepSpeed gathers it for the fused op and reduces its gradient). With learner.lora.rank > 0
    the policy is wrapped in peft LoRA adapters and only they train (workers/lora.py).
-2. `prepare(shard, ref_rows)`: before any update, the sampled tokens' log-probs under pi_old and
-   pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs and the KL are of
+2. `prepare(shard, ref_rows)`: before any update, in eval mode, the sampled tokens' log-probs
+   under pi_old and pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs and the KL are of
    the distributions at the rollout temperature (`PolicyWithHead` says why). With LoRA and
    reference.source=adapters_off no rows come in: pi_ref is the base model, and its hidden states
    come from the learner's own forward with the adapters disabled.
-3. `update(advantages, normalizers)`: mu epochs over the minibatches; each minibatch is one
+3. `update(advantages, normalizers)`: in training mode (dropout, and gradient checkpointing, which
+   Hugging Face layers apply only in training mode), mu epochs over the minibatches; each minibatch is one
    optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
    average to the whole minibatch's gradient. A minibatch whose loss or gradients are NaN/inf on
    any rank is skipped on every rank (no backward / no optimizer step) and counted (`skipped`).
@@ -93,11 +94,10 @@ class PolicyWithHead(nn.Module):
                                 return_entropy=True)
 
     @torch.no_grad()
-    def logprobs(self, input_ids, attention_mask, loss_mask, chunk_size: int) -> torch.Tensor:
-        """The current policy's log-probs of the sampled tokens at T, no gradient (pi_old): [M]."""
-        h = self.hidden_at(input_ids, attention_mask, loss_mask)  # [M, H]
-        tokens = input_ids[:, 1:][loss_mask.bool()]  # [M]
-        return logprobs_from_hidden(h, self.head_weight(), tokens, chunk_size,
+    def logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """The current policy's log-probs at T of the sampled tokens [M] from its final hidden
+        states [M, H] (`hidden_at`), no gradient (pi_old): [M]. The caller gathers the head."""
+        return logprobs_from_hidden(hidden, self.head_weight(), tokens, chunk_size,
                                     temperature=self.temperature)
 
     @torch.no_grad()
@@ -186,6 +186,7 @@ class LearnerWorker:
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         if c["zero_stage"] == 3:
             deepspeed.zero.register_external_parameter(self.engine.module, module.head_weight())
+        self.engine.eval()  # update() switches to training mode for its own duration
         self.views = self._sync_views()
         return {"params": sum(p.numel() for p in module.policy.parameters()),
                 "trainable": sum(p.numel() for p in trainable)}
@@ -215,18 +216,23 @@ class LearnerWorker:
         c, mask = self.cfg, shard["loss_mask"]
         tokens = shard["input_ids"][:, 1:][mask.bool()]
         module, chunk, dev = self.engine.module, c["chunk_size"], self.device
+        self.engine.eval()  # pi_old, pi_prox and pi_ref without dropout
         sampler_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
         proximal = c.get("pi_old", "sampler") == "proximal" or sampler_logp is None
         if ref_rows is None:  # reference.source=adapters_off: pi_ref is the base, adapters disabled
             ref_rows = torch.cat([module.base_hidden_at(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
                                                         mb["loss_mask"].to(dev)).cpu()
                                   for mb in self._minibatches(shard)])
-        with torch.no_grad(), _gathered([module.head_weight()], c["zero_stage"]):
-            if proximal:
-                olds = [module.logprobs(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
-                                        mb["loss_mask"].to(dev), chunk).cpu()
-                        for mb in self._minibatches(shard)]
-            ref_logp = module.ref_logprobs(ref_rows.to(dev), tokens.to(dev), chunk)
+        with torch.no_grad():
+            # the backbone first, the head after: a tied head's weight is the embedding's, and
+            # under ZeRO-3 the embedding's forward re-partitions it on exit, inside any gather
+            hidden = [module.hidden_at(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
+                                       mb["loss_mask"].to(dev)) for mb in self._minibatches(shard)
+                      ] if proximal else []
+            with _gathered([module.head_weight()], c["zero_stage"]):
+                olds = [module.logprobs(h, mb["tokens"].to(dev), chunk).cpu()
+                        for h, mb in zip(hidden, self._minibatches(shard))]
+                ref_logp = module.ref_logprobs(ref_rows.to(dev), tokens.to(dev), chunk)
         old_logp = _dense(torch.cat(olds), mask) if proximal else sampler_logp  # [B, T]
         ref_logp = _dense(ref_logp.cpu(), mask)  # [B, T]
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
@@ -263,15 +269,21 @@ class LearnerWorker:
         combines the ranks'), "skipped": updates skipped for NaN/inf}."""
         shard = dict(self.shard, advantages=advantages)
         steps, skipped = [], 0
-        for _ in range(self.cfg["epochs"]):
-            for i, mb in enumerate(self._minibatches(shard)):
-                loss, logp_p, stats = self._minibatch_loss(mb, normalizers[i], first=not steps)
-                loss = self._inject_nonfinite(loss, logp_p)
-                stats["loss"] = float(loss.detach())
-                skipped += not self._apply(loss)
-                norm = self.engine.get_global_grad_norm()
-                stats["grad_norm"] = float(norm if norm is not None else self.grad_norm or 0.0)
-                steps.append(stats)
+        # Hugging Face layers checkpoint activations only in training mode, and DeepSpeed sets
+        # the mode only through engine.train(): without it gradient checkpointing is silently off
+        self.engine.train()
+        try:
+            for _ in range(self.cfg["epochs"]):
+                for i, mb in enumerate(self._minibatches(shard)):
+                    loss, logp_p, stats = self._minibatch_loss(mb, normalizers[i], first=not steps)
+                    loss = self._inject_nonfinite(loss, logp_p)
+                    stats["loss"] = float(loss.detach())
+                    skipped += not self._apply(loss)
+                    norm = self.engine.get_global_grad_norm()
+                    stats["grad_norm"] = float(norm if norm is not None else self.grad_norm or 0.0)
+                    steps.append(stats)
+        finally:
+            self.engine.eval()
         self.version += 1
         return {"steps": steps, "skipped": skipped}
 

@@ -63,6 +63,12 @@ class Engine:
     def __call__(self, *args):
         return self.module(*args)
 
+    def train(self, mode: bool = True):
+        self.module.train(mode)
+
+    def eval(self):
+        self.module.eval()
+
 
 def learner(policy, ref, transport: str, kl_mode: str) -> tuple[LearnerWorker, torch.Tensor]:
     """A LearnerWorker around `policy` (no process group, no DeepSpeed), and the reference rows the
