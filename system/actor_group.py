@@ -37,12 +37,15 @@ class ActorGroup:
         if self.pg is not None:
             ray.get(self.pg.ready(), timeout=600)
         remote_cls = ray.remote(_load(cls_path))
+        env = dict(env or {})
+        if not num_gpus:  # Ray 2.60 leaves a GPU node's devices visible to an actor with none
+            env["CUDA_VISIBLE_DEVICES"] = ""
         self.actors = []
         for rank in range(num):
             args, kwargs = make_args(rank)
             self.actors.append(remote_cls.options(
                 num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=max_restarts,
-                runtime_env={"env_vars": env or {}},
+                runtime_env={"env_vars": env},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=self.pg, placement_group_bundle_index=rank),
             ).remote(*args, **kwargs))

@@ -12,13 +12,41 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def setup_process(torch_threads: int, seed: int) -> torch.device:
-    """Pin torch threads (several actors share the cores) and seed every generator."""
+    """Pin torch threads (several actors share the cores), seed every generator, and return the
+    device this process computes on (`actor_device`)."""
     torch.set_num_threads(torch_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     seed_all(seed)
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    return actor_device()
+
+
+def actor_device() -> torch.device:
+    """The accelerator Ray assigned this actor, else the CPU.
+
+    An actor placed with num_gpus=0 computes on the CPU even on a GPU node: Ray 2.60 no longer
+    hides the node's GPUs from it (ActorGroup hides them through CUDA_VISIBLE_DEVICES; this does not
+    rely on it). An actor with GPUs sees exactly those (Ray sets CUDA_VISIBLE_DEVICES), so its
+    first visible device is its own. Outside a Ray actor (scripts, tests): CUDA when available."""
+    gpus = _assigned_gpus()
+    if gpus is None:
+        on_gpu = torch.cuda.is_available()
+    else:
+        on_gpu = len(gpus) > 0
+        if on_gpu and not torch.cuda.is_available():
+            raise RuntimeError(f"Ray assigned GPUs {gpus} to this actor, but torch sees no CUDA device "
+                               f"(torch {torch.__version__}: a CPU build?)")
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+
+
+def _assigned_gpus() -> list | None:
+    """The GPU ids Ray assigned this actor; None outside a Ray actor."""
+    try:
+        import ray
+    except ImportError:
+        return None
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return list(ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
 
 
 def seed_all(seed: int) -> None:
