@@ -180,7 +180,8 @@ class CheckpointConfig:
 @dataclass
 class SyncConfig:
     bucket_mb: float = 64.0  # size of one broadcast bucket
-    backend: str = "auto"  # auto (nccl on GPU, gloo on CPU) | gloo | nccl
+    backend: str = "auto"  # auto (nccl when learners and rollout workers have whole GPUs, else gloo) | gloo | nccl
+    timeout_s: float = 300.0  # a sync collective (or joining the group) failing after this long, gloo and nccl
     # with LoRA: merged (full weights, adapters merged in) | adapters (LoRA A/B only; the hf backend
     # merges them into its base weights) | auto (adapters on hf, merged on vllm)
     lora: str = "auto"
@@ -260,6 +261,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         cfg.reward.functions = [OmegaConf.to_object(s) for s in specs]
         if cfg.reference.source == "auto":  # made concrete: the saved config shows the choice
             cfg.reference.source = "adapters_off" if cfg.learner.lora.rank > 0 else "worker"
+        if cfg.sync.backend == "auto":
+            cfg.sync.backend = "nccl" if _own_gpus(cfg.learner) and _own_gpus(cfg.rollout) else "gloo"
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
@@ -363,6 +366,8 @@ def validate(cfg: Config) -> None:
     _check(cfg.checkpoint.keep >= 1, "checkpoint.keep", "must be >= 1")
     _check(cfg.sync.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
     _check(cfg.sync.backend in ("auto", "gloo", "nccl"), "sync.backend", "must be auto, gloo or nccl")
+    _check(cfg.sync.timeout_s > 0, "sync.timeout_s", "must be > 0")
+    _validate_gpus(cfg)
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
     _validate_placement(cfg)
     _validate_faults(cfg)
@@ -417,6 +422,29 @@ def _validate_off_policy(cfg: Config) -> None:
            and a.mis_bounds[0] < a.mis_bounds[1], "algo.mis_bounds",
            "must be [lo, hi] with 0 <= lo <= 1 <= hi, lo < hi")
     _check(a.mis_level in MIS_LEVELS, "algo.mis_level", f"must be one of {', '.join(MIS_LEVELS)}")
+
+
+def _own_gpus(role) -> bool:
+    """Whether each actor of the role has whole GPUs to itself (fractions may share one)."""
+    return role.num_gpus >= 1 and float(role.num_gpus).is_integer()
+
+
+def _validate_gpus(cfg: Config) -> None:
+    """NCCL refuses two ranks of one group on the same GPU ("Duplicate GPU detected"): its groups
+    need each member on a GPU of its own. Fractional num_gpus let Ray pack actors onto one GPU."""
+    lr = cfg.learner
+    if 0 < lr.num_gpus and not _own_gpus(lr) and lr.num_ranks > 1:
+        raise ConfigError(f"learner.num_gpus: {lr.num_gpus:g} with learner.num_ranks={lr.num_ranks} "
+                          f"lets learner ranks share a GPU, and DeepSpeed's NCCL group refuses two "
+                          f"ranks on one device: give each rank a whole GPU (learner.num_gpus=1) or "
+                          f"use learner.num_ranks=1")
+    if cfg.sync.backend == "nccl":
+        shared = [f"{role}.num_gpus={getattr(cfg, role).num_gpus:g}" for role in ("learner", "rollout")
+                  if not _own_gpus(getattr(cfg, role))]
+        _check(not shared, "sync.backend",
+               f"nccl needs learner rank 0 and every rollout worker on a GPU of its own, and "
+               f"{', '.join(shared)} does not give them one (NCCL refuses two ranks of a group on one "
+               f"device): use sync.backend=gloo, or whole GPUs (num_gpus=1)")
 
 
 def _validate_placement(cfg: Config) -> None:

@@ -147,14 +147,13 @@ class Trainer:
                 "nan_loss_at": list(c.faults.nan_loss_at), "nan_grad_at": list(c.faults.nan_grad_at)}
 
     def _init_weight_sync(self) -> None:
-        backend = self.cfg.sync.backend
-        if backend == "auto":
-            backend = "nccl" if self.cfg.learner.num_gpus > 0 and self.cfg.rollout.num_gpus > 0 else "gloo"
-        host, port = ray.get(self.learners.actors[0].address.remote())
+        s = self.cfg.sync  # backend: made concrete when the config loaded
         world = 1 + len(self.rollout)
-        refs = self.learners.call_async("init_weight_sync", host, port, world, backend)
-        refs += self.rollout.call_each_async(
-            "init_weight_sync", [(host, port, 1 + i, world, backend) for i in range(len(self.rollout))])
+        # learner rank 0 holds the group's rendezvous port open from the moment it names it
+        host, port = ray.get(self.learners.actors[0].open_weight_sync.remote(world, s.timeout_s))
+        refs = self.learners.call_async("init_weight_sync", host, port, world, s.backend, s.timeout_s)
+        refs += self.rollout.call_each_async("init_weight_sync", [
+            (host, port, 1 + i, world, s.backend, s.timeout_s) for i in range(len(self.rollout))])
         ray.get(refs)
         self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(self.cfg.sync.bucket_mb))
         self.sync_bytes = sum(b.nbytes for b in self.buckets)  # per rollout worker and sync

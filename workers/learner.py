@@ -27,8 +27,8 @@ Run through the trainer: `python -m system.train --config configs/debug.yaml`.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
-import socket
 
 import deepspeed
 import torch
@@ -42,7 +42,9 @@ from system.algo.off_policy import CorrectionSettings, rollout_correction
 from system.config import ConfigError
 from workers.common import load_causal_lm, output_head_problem, setup_process
 from workers.lora import adapter_view, apply_lora, full_view, merged_view
-from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, plan_buckets
+from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, listen, plan_buckets
+
+DS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)  # DeepSpeed's own default for its group
 
 
 class PolicyWithHead(nn.Module):
@@ -118,12 +120,6 @@ OPTIMIZERS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _dense(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Scatter packed per-token values [M] into [B, T] at mask (differentiable)."""
     return torch.zeros(mask.shape, dtype=packed.dtype, device=packed.device).masked_scatter(
@@ -142,15 +138,23 @@ class LearnerWorker:
 
     # ---- set-up -------------------------------------------------------------------------------
     def address(self) -> tuple[str, int]:
-        """An address and a free port on this node, for rank 0 of a process group."""
-        return _node_ip(), _free_port()
+        """Rank 0: where DeepSpeed's process group meets; its port is bound and held from now on."""
+        self._store = listen(self.world_size, DS_GROUP_TIMEOUT.total_seconds())
+        return _node_ip(), self._store.port
 
     def init_process_group(self, master_addr: str, master_port: int) -> None:
+        """Join DeepSpeed's group (NCCL on GPU, gloo on CPU) through rank 0's store; DeepSpeed
+        then takes the initialised torch.distributed group as its own."""
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
                           LOCAL_RANK="0" if self.device.type == "cpu" else str(self.device.index))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        store = self._store if self.rank == 0 else dist.TCPStore(
+            master_addr, master_port, self.world_size, False, timeout=DS_GROUP_TIMEOUT)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
+                                timeout=DS_GROUP_TIMEOUT)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=DS_GROUP_TIMEOUT)
 
     def build(self) -> dict:
         c = self.cfg
@@ -386,9 +390,15 @@ class LearnerWorker:
                  for n, e in self.views["sent"].items()]
         return plan_buckets(metas, int(bucket_mb * 2**20))
 
-    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> bool:
+    def open_weight_sync(self, world_size: int, timeout_s: float) -> tuple[str, int]:
+        """Rank 0: where the weight-sync group meets; its port is bound and held from now on."""
+        self._sync_store = listen(world_size, timeout_s)
+        return _node_ip(), self._sync_store.port
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str,
+                         timeout_s: float) -> bool:
         if self.rank == 0:
-            self.sync = SyncGroup(host, port, 0, world_size, backend)
+            self.sync = SyncGroup(host, port, 0, world_size, backend, timeout_s, store=self._sync_store)
         return True
 
     def send_weights(self, buckets: list[Bucket]) -> list[float] | None:

@@ -14,6 +14,7 @@ sync, see workers/weight_sync.py), which loads them, bumps the version and retur
 from __future__ import annotations
 
 import os
+import signal
 
 import torch
 
@@ -68,8 +69,9 @@ class HFBackend:
     def named_weights(self):
         return list(self.model.named_parameters())
 
-    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        self.sync = SyncGroup(host, port, rank, world_size, backend)
+    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                         timeout_s: float) -> bool:
+        self.sync = SyncGroup(host, port, rank, world_size, backend, timeout_s)
         return True
 
     def receive_weights(self, buckets: list[Bucket], corrupt: bool = False) -> list[float]:
@@ -133,11 +135,15 @@ class RolloutWorker:
             prompts, n, temperature, top_p, max_new_tokens, greedy, want_logprobs)
         return {"responses": responses, "logprobs": logprobs, "version": self.version}
 
-    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        return self.backend.init_weight_sync(host, port, rank, world_size, backend)
+    def init_weight_sync(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                         timeout_s: float) -> bool:
+        return self.backend.init_weight_sync(host, port, rank, world_size, backend, timeout_s)
 
     def receive_weights(self, buckets: list[Bucket], version: int) -> list[float]:
         """Receive one broadcast of the policy, load it, and return the checksum of what loaded."""
+        if getattr(self, "_die_mid_sync", False):
+            self.backend.receive_weights(buckets[:1], False)
+            os.kill(os.getpid(), signal.SIGKILL)  # the other buckets are then on the wire
         corrupt = self.corrupt_sync.get(version, 0) > 0
         if corrupt:
             self.corrupt_sync[version] -= 1
@@ -148,6 +154,11 @@ class RolloutWorker:
     def pid(self) -> int:
         """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""
         return os.getpid()
+
+    def die_during_next_sync(self) -> None:
+        """A testing aid: the next weight sync kills this process after its first bucket, as a node
+        lost mid-broadcast (the learner's broadcast then fails within sync.timeout_s)."""
+        self._die_mid_sync = True
 
     def weights(self) -> dict:
         """The loaded weights (hf backend), for tests that compare them with the learner's bit for

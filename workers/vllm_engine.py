@@ -99,8 +99,9 @@ class SyncExtension:
     Method names stay clear of the worker's own weight-transfer API (`update_weights` and
     friends), which has no CPU transport."""
 
-    def sync_join(self, host: str, port: int, rank: int, world_size: int, backend: str) -> bool:
-        self._sync = SyncGroup(host, port, rank, world_size, backend)
+    def sync_join(self, host: str, port: int, rank: int, world_size: int, backend: str,
+                  timeout_s: float) -> bool:
+        self._sync = SyncGroup(host, port, rank, world_size, backend, timeout_s)
         return True
 
     def sync_receive(self, plain_buckets: list, corrupt: bool = False) -> list[float]:
@@ -180,8 +181,9 @@ class VLLMBackend:
                     logprobs.append([lp[t].logprob for lp, t in zip(sample.logprobs, sample.token_ids)])
         return responses, (logprobs if want_logprobs else None)
 
-    def init_weight_sync(self, host, port, rank, world_size, backend) -> bool:
-        return all(self.llm.collective_rpc("sync_join", args=(host, port, rank, world_size, backend)))
+    def init_weight_sync(self, host, port, rank, world_size, backend, timeout_s) -> bool:
+        return all(self.llm.collective_rpc("sync_join",
+                                           args=(host, port, rank, world_size, backend, timeout_s)))
 
     def receive_weights(self, buckets: list[Bucket], corrupt: bool = False) -> list[float]:
         out = self.llm.collective_rpc("sync_receive", args=(buckets_to_plain(buckets), corrupt))

@@ -2,8 +2,12 @@
 
 Steps of one sync (driven by one RPC per participant, see system/trainer.py):
 1. At start-up every participant joins a process group of its own (rank 0 = learner rank 0,
-   ranks 1..R = rollout workers) built from a TCPStore, separate from DeepSpeed's default group:
-   gloo on CPU, NCCL on GPU.
+   ranks 1..R = rollout workers) built from a TCPStore that learner rank 0 opens on a port it
+   holds from then on (`listen`), separate from DeepSpeed's default group: gloo on CPU, NCCL
+   between roles with GPUs of their own. Every collective has a time limit (sync.timeout_s), on
+   NCCL too: a rollout worker lost mid-broadcast fails the sync, and the driver restarts the
+   worker and rebuilds the group (system/faults.py), instead of learner rank 0 waiting for NCCL's
+   watchdog.
 2. The learner packs parameters into flat buckets of one dtype (`plan_buckets`) and broadcasts
    each bucket with one collective; the receivers unpack views of the same layout and load them.
    No copy where the layout allows it: a bucket whose tensors lie adjacent in one storage (the
@@ -118,20 +122,34 @@ def flatten_parameters(module: torch.nn.Module) -> None:
             offset += n
 
 
+def listen(world_size: int, timeout_s: float, host: str = "127.0.0.1") -> dist.TCPStore:
+    """Rank 0's rendezvous store for a new process group, on a port the OS picks (`.port`) and
+    this process holds from then on: a port merely found free could be taken by another process
+    before the group binds it. (The store serves on every interface, whatever `host`.)"""
+    return dist.TCPStore(host, 0, world_size, True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
 class SyncGroup:
-    """A process group of its own between learner rank 0 (rank 0) and the rollout workers."""
+    """A process group of its own between learner rank 0 (rank 0) and the rollout workers.
+
+    store: rank 0's store from `listen` (the others connect to host:port). timeout_s bounds the
+    rendezvous and every broadcast, on gloo and on NCCL."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
-                 timeout_s: float = 600.0):
+                 timeout_s: float = 300.0, store: dist.TCPStore | None = None):
         self.rank, self.world_size, self.backend = rank, world_size, backend
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        if store is None:
+            store = dist.TCPStore(host, port, world_size, rank == 0, timeout=self.timeout)
         prefixed = dist.PrefixStore("weight_sync", store)
         if backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(prefixed, rank, world_size)
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = self.timeout  # NCCL's default is its watchdog's 10 minutes
+            self.pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
-            self.pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+            self.pg = dist.ProcessGroupGloo(prefixed, rank, world_size, self.timeout)
             self.device = torch.device("cpu")
         self._store = store  # the group needs the store alive
         self._buffers: list[torch.Tensor | None] = [None, None]  # reused across buckets and syncs
@@ -149,9 +167,17 @@ class SyncGroup:
         return self.pg.broadcast([flat], opts)
 
     def _wait(self, work) -> None:
-        work.wait()
-        if self.backend == "nccl":
-            torch.cuda.current_stream().synchronize()
+        if self.backend != "nccl":
+            work.wait()  # gloo applies the group's timeout itself
+            return
+        # with a timeout, wait() blocks this thread until the collective completes and raises
+        # when it does not in time; the group is then aborted (its communicator may be stuck)
+        try:
+            work.wait(self.timeout)
+        except Exception:
+            self.pg.abort()
+            raise
+        torch.cuda.current_stream().synchronize()
 
     def send(self, buckets: list[Bucket], get_tensors) -> None:
         """Broadcast each bucket. get_tensors(bucket) -> list of full tensors in bucket order.

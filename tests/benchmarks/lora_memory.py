@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,10 +46,7 @@ def measure(model_path: str, overrides: list[str], rows: int, prompt: int, respo
                        f"trainer.prompts_per_step={rows // 2}", *overrides])
     c = Trainer._learner_cfg(types.SimpleNamespace(cfg=cfg))
     worker = LearnerWorker(0, 1, model_path, c)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker.init_process_group("127.0.0.1", port)
+    worker.init_process_group(*worker.address())
     worker.build()
     module = worker.engine.module
     V, H = module.head_weight().shape

@@ -11,16 +11,25 @@ from tests.faults.conftest import before_steps, ray_kill, sigkill
 pytestmark = pytest.mark.slow
 
 
+def _die_mid_sync(trainer):
+    import ray
+
+    ray.get(trainer.rollout.actors[0].die_during_next_sync.remote())
+
+
 def test_killed_rollout_and_reference_workers_restart_and_the_run_finishes(faults_run, monkeypatch):
-    # rollout: SIGKILL with a rollout_ahead sample in flight; reference: ray.kill (restartable)
-    before_steps(monkeypatch, {2: sigkill("rollout"), 3: ray_kill("reference")})
-    run = faults_run("restarts", "trainer.steps=4", "trainer.rollout_ahead=1", "checkpoint.every=4")
+    # rollout: SIGKILL with a rollout_ahead sample in flight; reference: ray.kill (restartable);
+    # then the rollout worker dies in the middle of step 4's weight broadcast (several buckets)
+    before_steps(monkeypatch, {2: sigkill("rollout"), 3: ray_kill("reference"), 4: _die_mid_sync})
+    run = faults_run("restarts", "trainer.steps=4", "trainer.rollout_ahead=1", "checkpoint.every=4",
+                     "sync.bucket_mb=0.25", "sync.timeout_s=60")
     assert run.rc == 0, run.err
     assert run.steps() == [1, 2, 3, 4]
     restarts = {r["step"]: r["actor_restarts"] for r in run.records()}
-    assert restarts[1] == 0 and restarts[2] == 1 and restarts[4] == 2, restarts
+    assert restarts[1] == 0 and restarts[2] == 1 and restarts[4] == 3, restarts
     assert "[faults] rollout worker 0 restarted during" in run.out
     assert "[faults] reference worker 0 restarted during" in run.out
+    assert "[faults] rollout worker 0 restarted during weight sync (policy version 4)" in run.out
     last = run.records()[-1]
     assert last["policy_version"] == 4  # every step learned once: none was lost or doubled
     assert run.records("eval")[-1]["step"] == 4

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import types
 
@@ -46,10 +45,7 @@ def main(model_path: str, zero_stage: int) -> dict:
         "learner.gradient_checkpointing=true", "trainer.rollout_ahead=0", "rollout.temperature=0.7"])
     c = Trainer._learner_cfg(types.SimpleNamespace(cfg=cfg))
     worker = LearnerWorker(0, 1, model_path, c)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    worker.init_process_group("127.0.0.1", port)
+    worker.init_process_group(*worker.address())
     worker.build()
 
     policy = worker.engine.module.policy

@@ -198,3 +198,28 @@ def test_cli_prints_the_warning_and_goes_on(tmp_path, capsys):
     assert err[0] == ("config warning: model.debug_cache: ignored with model.path other than debug "
                       "(only model.path=debug builds the debug model)")
     assert err[1].startswith("config error: model.path:")
+
+
+@pytest.mark.parametrize("gpus, backend", [
+    (["learner.num_gpus=1", "rollout.num_gpus=1"], "nccl"),  # each on a GPU of its own
+    (["learner.num_gpus=1", "rollout.num_gpus=0.5"], "gloo"),  # rollout workers may share one
+    ([], "gloo"),  # CPU
+])
+def test_sync_backend_auto_is_made_concrete_from_the_gpus(gpus, backend):
+    assert load_config(DEBUG, gpus).sync.backend == backend
+
+
+@pytest.mark.parametrize("overrides, key, reason", [
+    # NCCL refuses two ranks of one group on one GPU: tests/gpu gave every role a fraction of one
+    (["sync.backend=nccl", "learner.num_gpus=1", "learner.num_ranks=1", "rollout.num_gpus=0.3"],
+     "sync.backend", "rollout.num_gpus=0.3"),
+    (["sync.backend=nccl", "learner.num_gpus=0.3", "learner.num_ranks=1", "rollout.num_gpus=1"],
+     "sync.backend", "sync.backend=gloo, or whole GPUs"),
+    (["sync.backend=nccl"], "sync.backend", "learner.num_gpus=0, rollout.num_gpus=0"),
+    (["learner.num_gpus=0.5"], "learner.num_gpus", "learner.num_ranks=2"),
+    (["sync.timeout_s=0"], "sync.timeout_s", "> 0"),
+])
+def test_nccl_between_roles_that_share_a_gpu_is_refused_naming_the_fix(overrides, key, reason):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, overrides)
+    assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)

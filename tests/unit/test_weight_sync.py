@@ -127,3 +127,99 @@ def test_checksum_matches_naive_float64_and_is_split_invariant():
     split = [("a0", tensors[0][1][:123_457]), ("a1", tensors[0][1][123_457:]), tensors[1]]
     assert abs(checksum(split)[1] - got[1]) <= 1e-12 * got[1]
     assert checksum([]) == [0.0, 0.0]
+
+
+def _bind(port: int) -> bool:
+    """Whether another process could take this port now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_rank_0_holds_the_rendezvous_ports_it_names():
+    """A port found free, closed and named is free for anyone until the group binds it: the
+    learner's DeepSpeed group and weight-sync group are opened on ports held from the start."""
+    from workers.learner import LearnerWorker
+
+    worker = LearnerWorker.__new__(LearnerWorker)
+    worker.world_size = 2
+    ports = [worker.address()[1], worker.open_weight_sync(2, 30)[1]]
+    assert not any(_bind(p) for p in ports), ports
+
+
+def test_a_sync_that_waits_too_long_fails_within_the_timeout():
+    """A rollout worker that never joins the broadcast (lost mid-sync): learner rank 0's send fails
+    after sync.timeout_s instead of blocking the run."""
+    import time
+
+    from workers.weight_sync import listen
+
+    store = listen(2, 2.0)
+    errors, done = [], threading.Event()
+
+    def never_broadcasts():  # joins the group, keeps it open, never takes part in a collective
+        try:
+            group = SyncGroup("127.0.0.1", store.port, 1, 2, "gloo", timeout_s=2.0)
+            done.wait(60)
+            del group
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    peer = threading.Thread(target=never_broadcasts)
+    peer.start()
+    try:
+        group = SyncGroup("127.0.0.1", store.port, 0, 2, "gloo", timeout_s=2.0, store=store)
+        bucket = plan_buckets([TensorMeta("w", (4,), torch.float32)], 1 << 20)
+        start = time.monotonic()
+        try:
+            group.send(bucket, lambda b: [torch.ones(4)])
+            raise AssertionError("the send did not fail")
+        except RuntimeError as err:
+            assert "timed out" in str(err).lower(), err
+        assert time.monotonic() - start < 20
+    finally:
+        done.set()
+        peer.join(30)
+    assert not errors
+
+
+def test_nccl_groups_get_the_sync_timeout(monkeypatch):
+    """NCCL's group is built with sync.timeout_s (a CPU machine has no NCCL: the constructor is a
+    stand-in that records its options), and a wait that times out aborts the group and raises."""
+    import datetime
+    import types
+
+    import torch.distributed as dist
+
+    from workers.weight_sync import listen
+
+    built = {}
+
+    class FakeNCCL:
+        Options = types.SimpleNamespace  # Backend.Options: `_timeout` is its time limit
+
+        def __init__(self, store, rank, size, options=None):
+            built.update(options=options, aborted=False)
+
+        def abort(self):
+            built["aborted"] = True
+
+    class HungWork:
+        def wait(self, timeout=None):
+            built["wait_timeout"] = timeout
+            raise RuntimeError("Work timed out")
+
+    monkeypatch.setattr(dist, "ProcessGroupNCCL", FakeNCCL, raising=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    store = listen(1, 5.0)
+    group = SyncGroup("127.0.0.1", store.port, 0, 1, "nccl", timeout_s=7.0, store=store)
+    assert built["options"]._timeout == datetime.timedelta(seconds=7)
+    try:
+        group._wait(HungWork())
+        raise AssertionError("the wait did not fail")
+    except RuntimeError:
+        pass
+    assert built["wait_timeout"] == datetime.timedelta(seconds=7) and built["aborted"]

@@ -53,7 +53,7 @@ def _broadcast(backend, sender: torch.nn.Module, corrupt: bool = False) -> tuple
 
     thread = threading.Thread(target=send)
     thread.start()
-    backend.init_weight_sync("127.0.0.1", port, 1, 2, "gloo")
+    backend.init_weight_sync("127.0.0.1", port, 1, 2, "gloo", 60)
     loaded = backend.receive_weights(buckets, corrupt)
     thread.join(60)
     assert not errors, errors
