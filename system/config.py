@@ -31,7 +31,7 @@ class ModelConfig:
     path: str = MISSING  # HF model directory, or "debug" for the tiny model the project builds
     dtype: str = "float32"  # parameter dtype for the learner: float32 | bfloat16
     trust_remote_code: bool = False  # passed to from_pretrained
-    debug_cache: str = ".cache/debug_model"  # where the debug model is built and cached
+    debug_cache: str = ".cache/debug_model"  # where the debug model is built and cached (made absolute; shared storage on multi-node clusters)
     debug_settings: dict = field(default_factory=dict)  # overrides of system.debug_model.DEFAULT_SETTINGS
 
 
@@ -261,6 +261,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         cfg.reward.functions = [OmegaConf.to_object(s) for s in specs]
         if cfg.reference.source == "auto":  # made concrete: the saved config shows the choice
             cfg.reference.source = "adapters_off" if cfg.learner.lora.rank > 0 else "worker"
+        # the driver builds the debug model there and hands its path to actors in other working
+        # directories (a job's working-dir copy on another node): never a relative path
+        if cfg.model.path == "debug":
+            cfg.model.debug_cache = os.path.abspath(cfg.model.debug_cache)
         if cfg.sync.backend == "auto":
             cfg.sync.backend = "nccl" if _own_gpus(cfg.learner) and _own_gpus(cfg.rollout) else "gloo"
     except ConfigError:

@@ -223,3 +223,11 @@ def test_nccl_between_roles_that_share_a_gpu_is_refused_naming_the_fix(overrides
     with pytest.raises(ConfigError) as err:
         load_config(DEBUG, overrides)
     assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
+
+
+def test_the_debug_model_cache_is_an_absolute_path(tmp_path, monkeypatch):
+    """Actors run in other working directories than the driver that builds the debug model (a
+    submitted job's copy of the repository on another node): they get an absolute path."""
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["model.path=debug", "model.debug_cache=rel/cache"])
+    assert cfg.model.debug_cache == str(tmp_path / "rel" / "cache")
