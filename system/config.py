@@ -78,6 +78,7 @@ class RolloutConfig:
     kv_cache_gb: float = 0.0  # vllm: KV-cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU only)
     enforce_eager: Optional[bool] = None  # vllm: no CUDA graphs/compilation; null = true on CPU, false on GPU
     max_model_len: int = 0  # vllm: longest prompt + response the engine takes; 0 = the model's limit
+    head_dtype: str = "float32"  # vllm: output head precision, float32 (the learner's) | model (bf16 logits)
 
 
 @dataclass
@@ -467,6 +468,7 @@ def _validate_vllm(r: RolloutConfig) -> None:
            "weight sync into vllm supports 1 GPU per engine; use more rollout.num_workers")
     _check(r.kv_cache_gb >= 0, "rollout.kv_cache_gb", "must be >= 0")
     _check(r.max_model_len >= 0, "rollout.max_model_len", "must be >= 0 (0: the model's limit)")
+    _check(r.head_dtype in ("float32", "model"), "rollout.head_dtype", "must be float32 or model")
     if r.num_gpus == 0:
         _check(r.kv_cache_gb > 0, "rollout.kv_cache_gb",
                "the vllm backend on CPU (rollout.num_gpus=0) needs the KV-cache size in GiB, e.g. 1")

@@ -117,7 +117,7 @@ class Trainer:
         eager = r.enforce_eager if r.enforce_eager is not None else r.num_gpus == 0
         return {"gpu_memory_utilization": r.gpu_memory_utilization,
                 "tensor_parallel_size": r.tensor_parallel_size, "kv_cache_gb": r.kv_cache_gb,
-                "enforce_eager": eager, "max_model_len": r.max_model_len}
+                "enforce_eager": eager, "max_model_len": r.max_model_len, "head_dtype": r.head_dtype}
 
     def _rollout_args(self, rank: int) -> tuple[tuple, dict]:
         c = self.cfg

