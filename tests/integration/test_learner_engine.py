@@ -25,7 +25,12 @@ def tied_model(tmp_path_factory):
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_update_trains_with_checkpointing_and_pi_old_paths_work_with_a_tied_head(tied_model, zero_stage):
-    proc = subprocess.run([sys.executable, "-m", "tests.integration.learner_probe", tied_model,
+    check_learner_probe(tied_model, zero_stage)
+
+
+def check_learner_probe(model_path: str, zero_stage: int) -> None:
+    """Run learner_probe.py in a process of its own (also from tests/gpu) and check what it saw."""
+    proc = subprocess.run([sys.executable, "-m", "tests.integration.learner_probe", model_path,
                            str(zero_stage)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     lines = [x for x in proc.stdout.splitlines() if x.startswith("PROBE ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
