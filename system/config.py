@@ -31,7 +31,7 @@ class ModelConfig:
     path: str = MISSING  # HF model directory, or "debug" for the tiny model the project builds
     dtype: str = "float32"  # parameter dtype for the learner: float32 | bfloat16
     trust_remote_code: bool = False  # passed to from_pretrained
-    debug_cache: str = ".cache/debug_model"  # where the debug model is built and cached (made absolute; shared storage on multi-node clusters)
+    debug_cache: str = ".cache/debug_model"  # debug model build cache (made absolute; shared storage on clusters)
     debug_settings: dict = field(default_factory=dict)  # overrides of system.debug_model.DEFAULT_SETTINGS
 
 
@@ -78,7 +78,7 @@ class RolloutConfig:
     kv_cache_gb: float = 0.0  # vllm: KV-cache size in GiB; 0 = what gpu_memory_utilization leaves (GPU only)
     enforce_eager: Optional[bool] = None  # vllm: no CUDA graphs/compilation; null = true on CPU, false on GPU
     max_model_len: int = 0  # vllm: longest prompt + response the engine takes; 0 = the model's limit
-    head_dtype: str = "float32"  # vllm: output head precision, float32 (the learner's) | model (bf16 logits)
+    head_dtype: str = "float32"  # vllm: output head in float32 (as the learner) | model (its dtype)
 
 
 @dataclass
@@ -181,8 +181,8 @@ class CheckpointConfig:
 @dataclass
 class SyncConfig:
     bucket_mb: float = 64.0  # size of one broadcast bucket
-    backend: str = "auto"  # auto (nccl when learners and rollout workers have whole GPUs, else gloo) | gloo | nccl
-    timeout_s: float = 300.0  # a sync collective (or joining the group) failing after this long, gloo and nccl
+    backend: str = "auto"  # auto (nccl if learners and rollout workers have whole GPUs) | gloo | nccl
+    timeout_s: float = 300.0  # a sync collective or rendezvous fails after this long (gloo and nccl)
     # with LoRA: merged (full weights, adapters merged in) | adapters (LoRA A/B only; the hf backend
     # merges them into its base weights) | auto (adapters on hf, merged on vllm)
     lora: str = "auto"

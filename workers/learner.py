@@ -7,12 +7,12 @@ Steps, driven by system/trainer.py:
    so DeepSpeed gathers it for the fused op and reduces its gradient). With learner.lora.rank > 0
    the policy is wrapped in peft LoRA adapters and only they train (workers/lora.py).
 2. `prepare(shard, ref_rows)`: before any update, in eval mode, the sampled tokens' log-probs
-   under pi_old and pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs and the KL are of
-   the distributions at the rollout temperature (`PolicyWithHead` says why). With LoRA and
-   reference.source=adapters_off no rows come in: pi_ref is the base model, and its hidden states
-   come from the learner's own forward with the adapters disabled.
-3. `update(advantages, normalizers)`: in training mode (dropout, and gradient checkpointing, which
-   Hugging Face layers apply only in training mode), mu epochs over the minibatches; each minibatch is one
+   under pi_old and pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs
+   and the KL are of the distributions at the rollout temperature (`PolicyWithHead` says why).
+   With LoRA and reference.source=adapters_off no rows come in: pi_ref is the base model, and its
+   hidden states come from the learner's own forward with the adapters disabled.
+3. `update(advantages, normalizers)`: in training mode (dropout; gradient checkpointing, which
+   Hugging Face layers apply only then), mu epochs over the minibatches; each minibatch is one
    optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
    average to the whole minibatch's gradient. A minibatch whose loss or gradients are NaN/inf on
    any rank is skipped on every rank (no backward / no optimizer step) and counted (`skipped`).
