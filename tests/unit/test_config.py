@@ -198,3 +198,26 @@ def test_cli_prints_the_warning_and_goes_on(tmp_path, capsys):
     assert err[0] == ("config warning: model.debug_cache: ignored with model.path other than debug "
                       "(only model.path=debug builds the debug model)")
     assert err[1].startswith("config error: model.path:")
+
+
+@pytest.mark.parametrize("overrides, key, reason", [
+    (["algo.kl.seq_weight=suffix"], "algo.kl.seq_weight", "must be one of"),
+    (["algo.kl.prefix_cap=0.5"], "algo.kl.prefix_cap", ">= 1"),
+    (["algo.kl.baseline=mean"], "algo.kl.baseline", "must be one of"),
+    (["algo.kl.mode=full_seq", "algo.aggregation=seq-mean-token-mean"], "algo.aggregation", "token sum"),
+])
+def test_full_seq_settings_name_the_key(overrides, key, reason):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, overrides)
+    assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
+
+
+def test_full_seq_keys_ignored_by_other_modes():
+    from system.config import ignored_keys
+
+    cfg = load_config(DEBUG, ["algo.kl.mode=full_seq", "algo.kl.seq_weight=prefix", "algo.kl.prefix_cap=5"])
+    assert (cfg.algo.kl.seq_weight, cfg.algo.kl.prefix_cap, ignored_keys(cfg)) == ("prefix", 5.0, [])
+    assert [w.split(":")[0] for w in ignored_keys(load_config(DEBUG, ["algo.kl.prefix_cap=5"]))] == \
+        ["algo.kl.prefix_cap"]
+    assert [w.split(":")[0] for w in ignored_keys(load_config(DEBUG, [
+        "algo.kl.mode=full_seq", "algo.kl.prefix_cap=5"]))] == ["algo.kl.prefix_cap"]
