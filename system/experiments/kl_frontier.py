@@ -29,7 +29,9 @@ sum_{t'>=t} k1, the gradient KL-in-reward puts in the policy gradient). The exac
 KL_seq(pi_theta) is estimated by full_seq on --ref-samples responses drawn from pi_theta itself
 (on-policy full_seq is unbiased: tests/unit/test_kl_seq.py). Reported: cosine of each mode's batch
 gradient with it, the same cosine for each mode's gradient on --ref-samples responses from pi_old
-(its bias, noise averaged out), and the share of the KL-to-go term in full_seq's gradient norm.
+(its bias, noise mostly averaged out), the noise ceiling of that column (the cosine of a second,
+independent on-policy estimate of the exact gradient with the first), and the share of the
+KL-to-go term in full_seq's gradient norm.
 
 Run:
     python -m system.experiments.kl_frontier                      # the full grid: hours on 2 CPU cores

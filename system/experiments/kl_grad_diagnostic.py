@@ -115,7 +115,7 @@ def diagnostic(args) -> int:
     ref = AutoModelForCausalLM.from_pretrained(ref_dir, dtype=torch.float32).eval()
     theta = (AutoModelForCausalLM.from_pretrained(args.policy, dtype=torch.float32).eval() if args.policy
              else moved(ref, args.theta_drift, args.diag_seed))
-    old = moved(theta, args.old_drift, args.diag_seed + 1) if args.old_drift > 0 else theta
+    old = moved(theta, args.old_drift, args.diag_seed + 1) if args.old_drift > 0 else copy.deepcopy(theta)
     for m in (ref, old):
         m.requires_grad_(False)
     heldout = load_prompt_sets(cfg, tok).heldout
@@ -133,6 +133,9 @@ def diagnostic(args) -> int:
     on_batch = grads(theta, ref, old, ids_b, mask_b, prompt_len, g, 256)
     ids_m, mask_m = sample(old, many, g, max_new, eos, pad, args.diag_seed + 4)
     on_many = grads(theta, ref, old, ids_m, mask_m, prompt_len, g, 256)
+    # the noise ceiling of the many-sample column: a second, independent estimate of the exact gradient
+    ids_c, mask_c = sample(theta, many, g, max_new, eos, pad, args.diag_seed + 5)
+    ceiling = cos(grads(theta, ref, theta, ids_c, mask_c, prompt_len, g, 256)["full_seq"], exact)
     share = lambda d: float((d["full_seq"] - d["full"]).norm() / d["full_seq"].norm())  # noqa: E731
     rows = [(m, cos(on_batch[m], exact), cos(on_many[m], exact), float(on_batch[m].norm()))
             for m in DIAG_MODES]
@@ -142,6 +145,8 @@ def diagnostic(args) -> int:
         "\n".join(lines)
         + f"\n\nshare of the KL-to-go term in full_seq's gradient norm ||g_seq - g_full|| / ||g_seq||: "
         f"fixed batch {share(on_batch):.3f}, many samples {share(on_many):.3f}\n"
+        f"noise ceiling: cosine of a second, independent on-policy estimate of the exact gradient "
+        f"({ids.shape[0]} responses from pi_theta) with it: {ceiling:.3f}\n"
         f"pi_theta: {args.policy or f'pi_ref moved by {args.theta_drift}'}; pi_old: pi_theta moved by "
         f"{args.old_drift}; fixed batch {len(batch)} prompts x {g} responses (mean length "
         f"{float(mask_b.sum(-1).mean()):.1f}); many samples {ids.shape[0]} responses; KL_seq(pi_theta) "
@@ -150,5 +155,6 @@ def diagnostic(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "diagnostic.json").write_text(json.dumps(
-        {"rows": rows, "share_batch": share(on_batch), "share_many": share(on_many), "text": text}, indent=2))
+        {"rows": rows, "ceiling": ceiling, "share_batch": share(on_batch), "share_many": share(on_many),
+         "text": text}, indent=2))
     return 0
