@@ -27,11 +27,14 @@ responses (the sequence-KL scale): full (sum_t grad KL_t), full_seq token / pref
 (grad of k3 at the sampled tokens), reward (the score function with the k1 return
 sum_{t'>=t} k1, the gradient KL-in-reward puts in the policy gradient). The exact gradient of
 KL_seq(pi_theta) is estimated by full_seq on --ref-samples responses drawn from pi_theta itself
-(on-policy full_seq is unbiased: tests/unit/test_kl_seq.py). Reported: cosine of each mode's batch
-gradient with it, the same cosine for each mode's gradient on --ref-samples responses from pi_old
-(its bias, noise mostly averaged out), the noise ceiling of that column (the cosine of a second,
-independent on-policy estimate of the exact gradient with the first), and the share of the
-KL-to-go term in full_seq's gradient norm.
+(on-policy full_seq is unbiased: tests/unit/test_kl_seq.py): the mean of two independent draws of
+--ref-samples responses from pi_theta. Reported per mode: the cosine of its gradient on the fixed
+batch with that estimate; the cosine of its gradient on --ref-samples responses from pi_old; and
+the cosine of the EXPECTED gradients with the noise removed (inner products of estimates from
+independent draws are unbiased for the inner products of the means: <m1, q2> / sqrt(<m1, m2>
+<q1, q2>)), which is what tells a biased mode from a noisy one. And the share of the KL-to-go term
+in full_seq's gradient norm, ||g_seq - g_full|| / ||g_seq||, on the batch and (noise removed) of
+the expectations.
 
 Run:
     python -m system.experiments.kl_frontier                      # the full grid: hours on 2 CPU cores
