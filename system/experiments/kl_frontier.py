@@ -145,7 +145,7 @@ def runs_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[dict], out: Path) -> None:
+def plot(results: list[dict], out: Path, note: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,6 +163,8 @@ def plot(results: list[dict], out: Path) -> None:
         ax.set_title(f"staleness k = {k}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
+    if note:
+        fig.suptitle(note, fontsize=9)
     save_figure(fig, out)
 
 
@@ -195,7 +197,8 @@ def frontier(args) -> int:
     (Path(args.out) / "results.json").write_text(json.dumps({"results": results, "settings": settings,
                                                              "wall_s": wall}, indent=2))
     if not args.no_docs:
-        plot(results, args.docs / "kl_frontier.png")
+        plot(results, args.docs / "kl_frontier.png", f"{args.steps} steps x {args.prompts} prompts, "
+             f"coefs {args.coefs}, seeds {args.seeds}")
         print(f"plot saved to {args.docs / 'kl_frontier.png'}")
     return 0
 
