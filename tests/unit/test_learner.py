@@ -174,24 +174,28 @@ def test_decoupled_objective_matches_naive_float64(correction):
 
 # ------------------------------------------------------------------ full_seq: the sequence KL
 
-def naive_full_seq(logp, old, kl, mask, b, weighting: str, cap: float):
+def naive_full_seq(logp, old, kl, mask, b, weighting: str, cap: float, weight=None, behaviour=None):
     """Per-token (value, gradient surrogate) of full_seq, row by row from the formulas of
-    system/algo/kl_seq.py: G_t = sum_{t'>t} KL_t'; token: KL_t + r_t sg(G_t - b_t) (value KL_t);
-    prefix: rho_<t KL_t + log pi_t sg(sum_{t'>t} rho_<t' KL_t' - rho_<=t b_t) (value rho_<t KL_t),
-    every rho = prod pi_theta / pi_old over the positions before (up to) t, capped. logp, kl: [M]
-    with grad, old [M], b [B, T]; mask [B, T] bool. Returns two [M] tensors, packed like logp."""
+    system/algo/kl_seq.py: G_t = sum_{t'>t} KL_t'; token: KL_t + w_t r_t sg(G_t - b_t) (value KL_t,
+    r = pi_theta / pi_old, w = the pg term's correction weight, 1 by default); prefix:
+    rho_<t KL_t + log pi_t sg(sum_{t'>t} rho_<t' KL_t' - rho_<=t b_t) (value rho_<t KL_t), every
+    rho = prod pi_theta / pi_b over the positions before (up to) t, capped, pi_b = behaviour
+    (default pi_old). logp, kl: [M] with grad, old, weight, behaviour [M], b [B, T]; mask [B, T]
+    bool. Returns two [M] tensors, packed like logp."""
+    weight = torch.ones_like(old) if weight is None else weight
+    behaviour = old if behaviour is None else behaviour
     values, surrogates, i = [], [], 0
     for row in range(mask.shape[0]):
         pos = mask[row].nonzero().flatten().tolist()
         n = len(pos)
-        lp, lo, k = logp[i:i + n], old[i:i + n], kl[i:i + n]
+        lp, lo, k, w = logp[i:i + n], old[i:i + n], kl[i:i + n], weight[i:i + n]
+        d = (lp - behaviour[i:i + n]).detach()
         i += n
-        d = (lp - lo).detach()
         for j, t in enumerate(pos):
             if weighting == "token":
                 to_go = sum((k[u].detach() for u in range(j + 1, n)), torch.zeros((), dtype=F64))
                 values.append(k[j])
-                surrogates.append(k[j] + torch.exp(lp[j] - lo[j]) * (to_go - b[row, t]))
+                surrogates.append(k[j] + w[j] * torch.exp(lp[j] - lo[j]) * (to_go - b[row, t]))
             else:
                 rho = lambda upto: min(float(torch.exp(d[:upto].sum())), cap or float("inf"))  # noqa: E731
                 r_to_go = sum(rho(u) * float(k[u].detach()) for u in range(j + 1, n))
@@ -290,3 +294,45 @@ def test_full_seq_one_rank_equals_two_ranks(weighting):
     one, combined = reduce_learner_steps([[one_stats]]), reduce_learner_steps([[r[2]] for r in two])
     for key in ("kl_seq", "kl_full", "kl_to_go", "pg_loss", "ratio_max"):
         assert combined[key] == pytest.approx(one[key], rel=1e-6), key  # float32 statistics
+
+
+@pytest.mark.parametrize("weighting", ["token", "prefix"])
+def test_full_seq_with_the_decoupled_objective_matches_formula_float64(weighting):
+    """algo.pi_old=proximal with tis on a sample drawn by an older policy: `token` takes the ratio
+    over pi_prox times the pg term's corrected weight; `prefix` takes its ratios over the sampler."""
+    ref = tiny_qwen2(False)
+    sampler = copy.deepcopy(ref)
+    drift(sampler, 0.05, seed=2)
+    policy = copy.deepcopy(sampler)
+    drift(policy, 0.3, seed=4)
+    worker, ref_rows = learner(policy, ref, "hidden", "full_seq")
+    worker.cfg.update(pi_old="proximal", rollout_correction="tis", tis_cap=1.5, mis_bounds=[0.6, 1.5],
+                      mis_level="token", kl_seq_weight=weighting)
+    s = shard()
+    mask = s["loss_mask"].bool()
+    tokens = s["input_ids"][:, 1:][mask]  # [M]
+    pick = lambda all_: all_.gather(1, tokens[:, None]).squeeze(1)  # noqa: E731
+    with torch.no_grad():
+        sampler_lp, prox_lp = (pick(naive_logprobs(m, s)) for m in (sampler, policy))
+        ref_all = naive_logprobs(ref, s)
+    behavior = torch.zeros(mask.shape, dtype=F64).masked_scatter(mask, sampler_lp)
+    worker.prepare(dict(s, behavior_logp=behavior), ref_rows)
+    w = torch.exp(prox_lp - sampler_lp).clamp(max=1.5)
+    drift(policy, 0.05, seed=3)  # pi_theta != pi_prox within the update
+    b = seq_baseline()
+    mb = worker._minibatches(dict(worker.shard, advantages=ADV, kl_baseline=b))[0]
+    loss, _, _ = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
+    grads = torch.autograd.grad(loss, list(policy.parameters()))
+
+    logp_all = naive_logprobs(policy, s)
+    logp = pick(logp_all)
+    kl = (logp_all.exp() * (logp_all - ref_all)).sum(-1)
+    value, surrogate = naive_full_seq(logp, prox_lp, kl, mask, b, weighting, 0.0, weight=w,
+                                      behaviour=sampler_lp)
+    a = ADV[:, None].expand(mask.shape)[mask]
+    ratio = torch.exp(logp - prox_lp)
+    pg = -w * torch.minimum(ratio * a, ratio.clamp(0.8, 1.2) * a)
+    torch.testing.assert_close(loss, (pg + 0.3 * value).mean(), rtol=1e-12, atol=1e-15)
+    want_grads = torch.autograd.grad((pg + 0.3 * surrogate).mean(), list(policy.parameters()))
+    for g, want in zip(grads, want_grads):
+        torch.testing.assert_close(g, want, rtol=1e-10, atol=1e-13)
