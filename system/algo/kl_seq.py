@@ -3,9 +3,9 @@ the per-state exact KL that ``fused_logprob_kl`` already gives at every response
 
 Derivation. With s_t = (q, a_<t) and KL_t(s) = KL(pi_theta(.|s) || pi_ref(.|s)) over the vocabulary,
 
-    KL_seq(theta) = E_{y~pi_theta}[ sum_t KL_t(s_t) ]                       (= KL(pi_theta(y|q) || pi_ref(y|q)))
+    KL_seq(theta) = E_{y~pi_theta}[ sum_t KL_t(s_t) ]        (= KL(pi_theta(y|q) || pi_ref(y|q)))
     grad KL_seq   = E[ sum_t grad KL_t(s_t) ]  +  E[ sum_t grad log pi_theta(a_t|s_t) * G_t ],
-    G_t           = sum_{t' > t} KL_t'(s_t')        (the analytic KL-to-go; KL_t' depends on a_t only for t' > t)
+    G_t           = sum_{t' > t} KL_t'(s_t')    (the analytic KL-to-go; KL_t' depends on a_t for t' > t)
 
 `full` keeps the first sum only. Samples come from pi_old (or a sampler k versions old). Writing
 rho_<t = prod_{i<t} pi_theta(a_i|s_i) / pi_b(a_i|s_i) for the prefix ratio against the policy pi_b that
@@ -15,8 +15,9 @@ exactly, and differentiating that (grad rho_<t = rho_<t sum_{i<t} grad log pi_i)
     grad KL_seq = E_{pi_b}[ sum_t rho_<t grad KL_t  +  sum_t grad log pi_t * (R_t - rho_<=t b_t) ],
     R_t         = sum_{t' > t} rho_<t' KL_t'        (the prefix-weighted KL-to-go)
 
-for any baseline b_t that does not depend on a_t (E_{a_t~pi_theta}[grad log pi_t] = 0 at every state
-that rho_<=t reweights to pi_theta's distribution).
+for any baseline b_t that does not depend on a_t:
+E_{pi_b}[rho_<=t grad log pi_t b_t] = E_{s_t~pi_theta}[b_t E_{a_t~pi_theta}[grad log pi_t]] = 0.
+On-policy (pi_b = pi_theta in value) every rho is 1 and this is the first formula.
 
 What the loss does. ``seq_kl_term`` returns a per-token surrogate that ``grpo_loss`` takes as its
 ``kl`` (times beta), whose value is the per-state KL (as `full`) and whose gradient is the above:
@@ -26,7 +27,9 @@ What the loss does. ``seq_kl_term`` returns a per-token surrogate that ``grpo_lo
     weighting (algo.kl.seq_weight, ``SEQ_WEIGHTS``):
       token    w_t = 1,        S_t = c_t r_t (G_t - b_t),  r_t = pi_theta / pi_old of token t
                Exact on-policy (r = 1); off-policy it is PPO's approximation for an advantage: only
-               the token's own ratio, the states' distribution left as sampled.
+               the token's own ratio, the states' distribution left as sampled. By enumeration
+               (tests/unit/test_kl_seq.py) that can be further from grad KL_seq than `full` at
+               large drift; and, unclipped, r_t is bounded only by the log-ratio clamp.
       prefix   w_t = rho_<t,   S_t = R_t - rho_<=t b_t,  every rho truncated at algo.kl.prefix_cap
                Exact at any drift without the cap (0); the cap trades that for bounded variance.
 

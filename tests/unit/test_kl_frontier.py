@@ -8,7 +8,8 @@ from system.experiments.kl_frontier import kl_at_accuracy, matched_table
 
 
 def test_kl_at_accuracy_interpolates_log_kl_linearly_in_accuracy():
-    runs = [{"acc": 0.4, "true_kl_seq": 1.0}, {"acc": 0.6, "true_kl_seq": 4.0}, {"acc": 0.5, "true_kl_seq": 2.0}]
+    runs = [{"acc": 0.4, "true_kl_seq": 1.0}, {"acc": 0.6, "true_kl_seq": 4.0},
+            {"acc": 0.5, "true_kl_seq": 2.0}]
     assert kl_at_accuracy(runs, 0.45) == pytest.approx(math.sqrt(2.0))  # halfway between log 1 and log 2
     assert kl_at_accuracy(runs, 0.6) == pytest.approx(4.0)
     assert math.isnan(kl_at_accuracy(runs, 0.7))  # not bracketed

@@ -275,7 +275,8 @@ def test_full_seq_one_rank_equals_two_ranks(weighting):
         w, _ = full_seq_setup(weighting)[2:]
         w.engine = worker.engine  # the same policy
         idx = torch.tensor(rows)
-        ranks.append((w, {k: v[idx] for k, v in s.items()}, split_packed(ref_rows, s["loss_mask"], idx), b[idx]))
+        sub = {k: v[idx] for k, v in s.items()}
+        ranks.append((w, sub, split_packed(ref_rows, s["loss_mask"], idx), b[idx]))
     for w, sub, rows_, _ in ranks:
         w.prepare(sub, rows_)
     drift(policy, 0.05, seed=3)
