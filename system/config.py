@@ -18,6 +18,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from system.algo.kl import KL_MODES
+from system.algo.kl_seq import SEQ_BASELINES, SEQ_WEIGHTS
 from system.algo.losses import AGGREGATIONS
 from system.algo.off_policy import CORRECTIONS, MIS_LEVELS, PI_OLD
 
@@ -128,8 +129,12 @@ class LearnerConfig:
 
 @dataclass
 class KLConfig:
-    mode: str = "full"  # full | k1 | k2 | k3 | k3_is | reward
+    mode: str = "full"  # full | full_seq | k1 | k2 | k3 | k3_is | reward
     coef: float = 0.01  # beta: weight of the KL term
+    # full_seq (system/algo/kl_seq.py has the formulas):
+    seq_weight: str = "token"  # off-policy weight of the KL-to-go: token (own ratio) | prefix (rho_<t: exact)
+    prefix_cap: float = 0.0  # prefix: truncate rho_<t at this cap (>= 1); 0: no cap (exact, more variance)
+    baseline: str = "group"  # baseline of the KL-to-go: group (leave-one-out over the group) | none
 
 
 @dataclass
@@ -346,6 +351,14 @@ def validate(cfg: Config) -> None:
     _check(a.aggregation in AGGREGATIONS, "algo.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     _check(a.kl.mode in KL_MODES, "algo.kl.mode", f"must be one of {', '.join(KL_MODES)}")
     _check(a.kl.coef >= 0, "algo.kl.coef", "must be >= 0 (a negative KL coefficient rewards drift)")
+    _check(a.kl.seq_weight in SEQ_WEIGHTS, "algo.kl.seq_weight", f"must be one of {', '.join(SEQ_WEIGHTS)}")
+    _check(a.kl.prefix_cap == 0 or a.kl.prefix_cap >= 1, "algo.kl.prefix_cap",
+           "must be 0 (no cap) or >= 1 (a cap below 1 shrinks even on-policy states)")
+    _check(a.kl.baseline in SEQ_BASELINES, "algo.kl.baseline", f"must be one of {', '.join(SEQ_BASELINES)}")
+    if KL_MODES[a.kl.mode].sequence:
+        _check(a.aggregation != "seq-mean-token-mean", "algo.aggregation",
+               f"seq-mean-token-mean averages each response over its length; algo.kl.mode={a.kl.mode} "
+               f"needs a token sum over a constant (token-mean or seq-mean-token-sum-norm)")
     _validate_off_policy(cfg)
 
     t = cfg.trainer
@@ -504,6 +517,10 @@ IGNORED_KEYS = [
      "no truncated importance weight"),
     *[(f"algo.{k}", lambda c: c.algo.rollout_correction != "mis", "algo.rollout_correction other than mis",
        "no token is masked") for k in ("mis_bounds", "mis_level")],
+    *[(f"algo.kl.{k}", lambda c: not KL_MODES[c.algo.kl.mode].sequence, "algo.kl.mode other than full_seq",
+       "no KL-to-go term") for k in ("seq_weight", "prefix_cap", "baseline")],
+    ("algo.kl.prefix_cap", lambda c: KL_MODES[c.algo.kl.mode].sequence and c.algo.kl.seq_weight != "prefix",
+     "algo.kl.seq_weight other than prefix", "no prefix ratio"),
     ("checkpoint.keep", lambda c: c.checkpoint.every == 0, "checkpoint.every=0", "no checkpoints are saved"),
     ("logging.wandb_project", lambda c: not c.logging.wandb, "logging.wandb=false", "nothing goes to W&B"),
     *[(f"learner.lora.{k}", lambda c: c.learner.lora.rank == 0, "learner.lora.rank=0",

@@ -11,7 +11,8 @@ import time
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 
 CONSOLE_KEYS = (("reward_mean", "reward", ".3f"), ("accuracy", "acc", ".3f"),
-                ("kl_full", "kl", ".4f"), ("kl_k3", "k3", ".4f"), ("clip_frac", "clip", ".3f"),
+                ("kl_full", "kl", ".4f"), ("kl_seq", "kl_seq", ".3f"), ("kl_k3", "k3", ".4f"),
+                ("clip_frac", "clip", ".3f"),
                 ("entropy", "ent", ".3f"), ("response_len", "len", ".1f"),
                 ("step_s", "s", ".1f"))
 
@@ -79,6 +80,7 @@ class MetricsLogger:
 #               over ranks, averaged over steps
 #   token_mean  a mean over the rank's tokens: weighted by those tokens over ranks and steps (a mean
 #               over every token of the update; behavior_logp_gap: of the first minibatch)
+#   seq_mean    a mean over the rank's responses (kl_seq): weighted by those responses likewise
 #   min, max    extremes over ranks and steps (ratio_min / ratio_max of the whole update)
 #   global      already the whole minibatch's (the gradient norm after the ranks' reduction):
 #               averaged over steps
@@ -88,10 +90,13 @@ LEARNER_REDUCTIONS = {
     "clip_frac": "token_mean", "dual_clip_frac": "token_mean", "ratio_mean": "token_mean",
     "behavior_logp_gap": "token_mean",
     "mismatch_logratio_mean": "token_mean", "mismatch_kl": "token_mean", "corrected_frac": "token_mean",
-    "ratio_min": "min", "ratio_max": "max", "mismatch_logratio_max": "max",
+    "kl_to_go": "token_mean", "kl_seq": "seq_mean",
+    "ratio_min": "min", "ratio_max": "max", "mismatch_logratio_max": "max", "prefix_ratio_max": "max",
     "grad_norm": "global",
     "tokens": "weight",  # the token_mean weights; not logged
+    "sequences": "weight",  # the seq_mean weights; not logged
 }
+WEIGHTS = {"token_mean": "tokens", "seq_mean": "sequences"}
 
 
 def reduce_learner_steps(per_rank: list[list[dict]]) -> dict[str, float]:
@@ -107,14 +112,16 @@ def reduce_learner_steps(per_rank: list[list[dict]]) -> dict[str, float]:
         have = [r for r in records if key in r]
         if rule == "share":
             out[key] = sum(sum(r[key] for r in step) for step in steps) / len(steps)
-        elif rule == "token_mean":
-            out[key] = sum(r[key] * r["tokens"] for r in have) / max(sum(r["tokens"] for r in have), 1)
+        elif rule in WEIGHTS:
+            w = WEIGHTS[rule]
+            out[key] = sum(r[key] * r[w] for r in have) / max(sum(r[w] for r in have), 1)
         elif rule in ("min", "max"):  # a rank without tokens reports a placeholder: leave it out
             values = [r[key] for r in have if r["tokens"] > 0] or [1.0]
             out[key] = min(values) if rule == "min" else max(values)
         elif rule == "global":
             out[key] = sum(step[0][key] for step in steps) / len(steps)
     out.pop("tokens", None)
+    out.pop("sequences", None)
     return out
 
 

@@ -33,6 +33,7 @@ from system import checkpoint
 from system.actor_group import ActorGroup, placement_line
 from system.algo.advantages import group_advantages
 from system.algo.kl import get_kl_mode, kl_in_reward
+from system.algo.kl_seq import group_kl_baseline
 from system.config import ConfigError, lora_sync_mode, uses_sampler_logprobs
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.prompts import PromptSampler, PromptSets
@@ -141,7 +142,8 @@ class Trainer:
                 "pi_old": c.algo.pi_old, "rollout_correction": c.algo.rollout_correction,
                 "tis_cap": c.algo.tis_cap, "mis_bounds": list(c.algo.mis_bounds),
                 "mis_level": c.algo.mis_level,
-                "kl_coef": c.algo.kl.coef, "clip_low": c.algo.clip_low,
+                "kl_coef": c.algo.kl.coef, "kl_seq_weight": c.algo.kl.seq_weight,
+                "kl_prefix_cap": c.algo.kl.prefix_cap, "clip_low": c.algo.clip_low,
                 "clip_high": c.algo.clip_high, "dual_clip": c.algo.dual_clip,
                 "aggregation": c.algo.aggregation, "max_len": c.rollout.max_new_tokens,
                 "nan_loss_at": list(c.faults.nan_loss_at), "nan_grad_at": list(c.faults.nan_grad_at)}
@@ -262,13 +264,17 @@ class Trainer:
             for i in index])
         mismatch = reduce_learner_steps([[p["mismatch"]] for p in prep]) if "mismatch" in prep[0] else {}
         adv, adv_metrics = group_advantages(rewards, c.rollout.group_size, c.algo.scale_by_std)
+        k1 = torch.zeros(batch.loss_mask.shape, dtype=prep[0]["k1"].dtype)  # [N, L-1]
+        for i, p in zip(index, prep):
+            k1[i] = p["k1"]
         if not self.kl_mode.in_loss:  # PPO-style: k1 of pi_old as a per-token reward
-            k1 = torch.zeros(batch.loss_mask.shape, dtype=prep[0]["k1"].dtype)  # [N, L-1]
-            for i, p in zip(index, prep):
-                k1[i] = p["k1"]
             adv, kl_metrics = kl_in_reward(adv, k1, batch.loss_mask, c.algo.kl.coef)
             adv_metrics.update(kl_metrics)
-        outs = self.learners.call_each("update", [(adv[i], normalizers) for i in index])
+        base = None  # full_seq's KL-to-go baseline: from the other responses of each group
+        if self.kl_mode.sequence and c.algo.kl.baseline == "group":
+            base = group_kl_baseline(k1, batch.loss_mask, c.rollout.group_size)  # [N, L-1]
+        outs = self.learners.call_each("update", [(adv[i], normalizers, None if base is None else base[i])
+                                                  for i in index])
         learner = reduce_learner_steps([o["steps"] for o in outs])
         learner["updates_skipped"] = outs[0]["skipped"]  # the ranks agree on every skip
         return {**learner, **mismatch, **{k: float(v) for k, v in adv_metrics.items()}}

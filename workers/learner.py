@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from system.algo.kl import get_kl_mode, loss_kl, logprobs_from_logits, sampled_kl
+from system.algo.kl_seq import seq_kl_term, sequence_kl
 from system.algo.fused_kl import fused_logprob_kl, logprobs_from_hidden
 from system.algo.losses import grpo_loss
 from system.algo.off_policy import CorrectionSettings, rollout_correction
@@ -265,13 +266,17 @@ class LearnerWorker:
             out.append(mb)
         return out
 
-    def update(self, advantages: torch.Tensor, normalizers: list[float]) -> dict:
+    def update(self, advantages: torch.Tensor, normalizers: list[float],
+               kl_baseline: torch.Tensor | None = None) -> dict:
         """mu epochs x minibatches of clipped GRPO with the configured KL mode.
 
-        advantages: [B] or [B, T] (per token in `reward` mode). Returns {"steps": one dict of
+        advantages: [B] or [B, T] (per token in `reward` mode); kl_baseline: [B, T] the baseline
+        of full_seq's KL-to-go (system/algo/kl_seq.py), or None. Returns {"steps": one dict of
         statistics per optimizer step, this rank's share (system.metrics.reduce_learner_steps
         combines the ranks'), "skipped": updates skipped for NaN/inf}."""
         shard = dict(self.shard, advantages=advantages)
+        if kl_baseline is not None:
+            shard["kl_baseline"] = kl_baseline
         steps, skipped = [], 0
         # Hugging Face layers checkpoint activations only in training mode, and DeepSpeed sets
         # the mode only through engine.train(): without it gradient checkpointing is silently off
@@ -305,6 +310,12 @@ class LearnerWorker:
         logp, full_kl = _dense(logp_p, mask), _dense(kl_p, mask)  # [B, T]
         kl = loss_kl(mode, logp=logp, ref_logp=dev["ref_logp"], old_logp=dev["old_logp"],
                      full_kl=full_kl)
+        seq_metrics = {}
+        if mode.sequence:  # the KL-to-go score term: the gradient of the sequence KL
+            kl, seq_metrics = seq_kl_term(
+                full_kl, logp, dev["old_logp"], mask, baseline=dev.get("kl_baseline"),
+                weighting=c["kl_seq_weight"], cap=c["kl_prefix_cap"], pg_weight=dev.get("pg_weight"),
+                sampler_logp=dev["behavior_logp"] * mask if "behavior_logp" in dev else None)
         loss, metrics = grpo_loss(
             logp, dev["old_logp"], dev["advantages"], mask, kl,
             clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
@@ -313,7 +324,8 @@ class LearnerWorker:
         with torch.no_grad():
             n_tok = mask.sum().clamp(min=1)
             k3 = sampled_kl(logp, dev["ref_logp"], "k3")
-            stats = {**metrics, "kl_full": (full_kl * mask).sum() / n_tok,
+            stats = {**metrics, **seq_metrics, "kl_full": (full_kl * mask).sum() / n_tok,
+                     "kl_seq": sequence_kl(full_kl, mask).mean(), "sequences": mask.shape[0],
                      "kl_k3": (k3 * mask).sum() / n_tok,
                      "entropy": _dense(ent_p.detach(), mask).sum() / n_tok}
             if first:  # before any optimizer step pi_theta = pi_old, so this is how far the

@@ -4,6 +4,8 @@ registry that picks a KL mode by name.
 Modes (``KL_MODES``, see DESIGN.md section 1):
     full    exact sum over the vocabulary at every response position (default; needs the reference
             distribution at every position: hidden states + frozen head, or logits)
+    full_seq  full plus the score-function term with the analytic KL-to-go: the gradient of the KL
+            between whole responses (kl_seq.py has the derivation; the learner adds the term)
     k1      logp - ref_logp at the sampled token
     k2      0.5 * (logp - ref_logp)^2
     k3      exp(ref_logp - logp) - (ref_logp - logp) - 1          (the common GRPO choice)
@@ -117,12 +119,14 @@ class KLMode:
     needs_full_ref: bool  # the learner needs pi_ref over the whole vocabulary at every response position
     estimator: str | None  # key of ESTIMATORS, None for the exact full-vocabulary KL
     in_loss: bool  # True: beta * KL is a loss term; False: folded into the reward (kl_in_reward)
+    sequence: bool = False  # also the KL-to-go score term (kl_seq.seq_kl_term): gradient of the sequence KL
 
 
 KL_MODES: dict[str, KLMode] = {
     m.name: m
     for m in (
         KLMode("full", needs_full_ref=True, estimator=None, in_loss=True),
+        KLMode("full_seq", needs_full_ref=True, estimator=None, in_loss=True, sequence=True),
         KLMode("k1", needs_full_ref=False, estimator="k1", in_loss=True),
         KLMode("k2", needs_full_ref=False, estimator="k2", in_loss=True),
         KLMode("k3", needs_full_ref=False, estimator="k3", in_loss=True),
@@ -149,8 +153,9 @@ def loss_kl(
     full_kl: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """The per-token KL term [B, T] that ``grpo_loss`` takes as ``kl`` for this mode, or None when the
-    mode puts the KL in the reward. ``full`` returns ``full_kl`` (from ``fused_logprob_kl``); the
-    estimator modes call ``sampled_kl``.
+    mode puts the KL in the reward. ``full`` and ``full_seq`` return ``full_kl`` (from
+    ``fused_logprob_kl``; full_seq's KL-to-go term is ``kl_seq.seq_kl_term`` on top); the estimator
+    modes call ``sampled_kl``.
     """
     mode = get_kl_mode(mode) if isinstance(mode, str) else mode
     if not mode.in_loss:

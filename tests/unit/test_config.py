@@ -225,9 +225,32 @@ def test_nccl_between_roles_that_share_a_gpu_is_refused_naming_the_fix(overrides
     assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize("overrides, key, reason", [
+    (["algo.kl.seq_weight=suffix"], "algo.kl.seq_weight", "must be one of"),
+    (["algo.kl.prefix_cap=0.5"], "algo.kl.prefix_cap", ">= 1"),
+    (["algo.kl.baseline=mean"], "algo.kl.baseline", "must be one of"),
+    (["algo.kl.mode=full_seq", "algo.aggregation=seq-mean-token-mean"], "algo.aggregation", "token sum"),
+])
+def test_full_seq_settings_name_the_key(overrides, key, reason):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEBUG, overrides)
+    assert str(err.value).startswith(key) and reason in str(err.value), str(err.value)
+
+
 def test_the_debug_model_cache_is_an_absolute_path(tmp_path, monkeypatch):
     """Actors run in other working directories than the driver that builds the debug model (a
     submitted job's copy of the repository on another node): they get an absolute path."""
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["model.path=debug", "model.debug_cache=rel/cache"])
     assert cfg.model.debug_cache == str(tmp_path / "rel" / "cache")
+
+
+def test_full_seq_keys_ignored_by_other_modes():
+    from system.config import ignored_keys
+
+    cfg = load_config(DEBUG, ["algo.kl.mode=full_seq", "algo.kl.seq_weight=prefix", "algo.kl.prefix_cap=5"])
+    assert (cfg.algo.kl.seq_weight, cfg.algo.kl.prefix_cap, ignored_keys(cfg)) == ("prefix", 5.0, [])
+    assert [w.split(":")[0] for w in ignored_keys(load_config(DEBUG, ["algo.kl.prefix_cap=5"]))] == \
+        ["algo.kl.prefix_cap"]
+    assert [w.split(":")[0] for w in ignored_keys(load_config(DEBUG, [
+        "algo.kl.mode=full_seq", "algo.kl.prefix_cap=5"]))] == ["algo.kl.prefix_cap"]

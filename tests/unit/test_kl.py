@@ -246,8 +246,10 @@ def test_sampled_kl_errors():
 
 
 def test_registry_modes():
-    assert set(KL_MODES) == {"full", "k1", "k2", "k3", "k3_is", "reward"}
+    assert set(KL_MODES) == {"full", "full_seq", "k1", "k2", "k3", "k3_is", "reward"}
     assert get_kl_mode("full").needs_full_ref and get_kl_mode("full").estimator is None
+    assert get_kl_mode("full_seq").sequence and get_kl_mode("full_seq").needs_full_ref
+    assert not any(m.sequence for name, m in KL_MODES.items() if name != "full_seq")
     assert not get_kl_mode("reward").in_loss
     for name, mode in KL_MODES.items():
         assert mode.name == name
@@ -261,6 +263,7 @@ def test_loss_kl_dispatch():
     logp, ref, old, full = (torch.randn(2, 5) for _ in range(4))
     assert loss_kl("reward", logp=logp, ref_logp=ref) is None
     assert loss_kl("full", logp=logp, full_kl=full) is full
+    assert loss_kl("full_seq", logp=logp, full_kl=full) is full  # the learner adds seq_kl_term
     for name in ("k1", "k2", "k3"):
         torch.testing.assert_close(loss_kl(name, logp=logp, ref_logp=ref), sampled_kl(logp, ref, name))
     torch.testing.assert_close(

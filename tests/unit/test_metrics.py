@@ -56,6 +56,10 @@ def test_learner_steps_combine_over_ranks_as_one_rank_would():
     assert (out["ratio_min"], out["ratio_max"]) == (0.8, 1.3)
     assert out["grad_norm"] == pytest.approx(3.0)
     assert "tokens" not in out
+    # kl_seq is a mean over responses: weighted by each rank's responses, not its tokens
+    seq = reduce_learner_steps([[{"tokens": 9, "sequences": 3, "kl_seq": 1.0}],
+                                [{"tokens": 1, "sequences": 1, "kl_seq": 5.0}]])
+    assert seq == {"kl_seq": pytest.approx((3 * 1.0 + 1 * 5.0) / 4)}
     with pytest.raises(KeyError, match="new_stat"):
         reduce_learner_steps([[{"tokens": 1, "new_stat": 0.0}]])
 
