@@ -39,6 +39,25 @@ def begin(run_dir: str, step: int) -> str:
     return tmp
 
 
+def discard(tmp: str) -> None:
+    """Remove a checkpoint that could not be completed (its space is freed for the next one)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_problem(tmp: str, err: BaseException) -> str:
+    """What went wrong writing a checkpoint, in a few words: the cause (a Ray task error's own),
+    and the free space left where it was being written."""
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    text = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+    try:
+        free = shutil.disk_usage(os.path.dirname(tmp)).free / 2**20
+        where = f"; {free:.1f} MiB free on the volume of {os.path.dirname(tmp)}"
+    except OSError:
+        where = f"; {os.path.dirname(tmp)} cannot be read"
+    return f"{type(err).__name__}: {text}{where}"
+
+
 def _manifest(directory: str) -> dict:
     files = {}
     for root, _, names in os.walk(directory):

@@ -60,6 +60,7 @@ class RewardConfig:
     functions: list = field(default_factory=lambda: [RewardSpec()])  # list of RewardSpec
     num_workers: int = 0  # reward processes; 0 scores in the driver (no time limit)
     timeout_s: float = 10.0  # per-sample time limit in the reward pool
+    memory_limit_mb: float = 2048.0  # per reward worker: memory it may allocate past its start (0: none)
 
 
 @dataclass
@@ -311,6 +312,7 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.reward.functions) > 0, "reward.functions", "needs at least one reward")
     _check(cfg.reward.num_workers >= 0, "reward.num_workers", "must be >= 0")
     _check(cfg.reward.timeout_s > 0, "reward.timeout_s", "must be > 0")
+    _check(cfg.reward.memory_limit_mb >= 0, "reward.memory_limit_mb", "must be >= 0 (0: no limit)")
 
     r = cfg.rollout
     _check(r.backend in ("hf", "vllm"), "rollout.backend", "must be hf or vllm")
@@ -511,8 +513,9 @@ IGNORED_KEYS = [
        "the run trains on the synthetic task; data.source=file reads files") for k in _FILE_KEYS],
     *[(f"model.{k}", lambda c: c.model.path != "debug", "model.path other than debug",
        "only model.path=debug builds the debug model") for k in ("debug_cache", "debug_settings")],
-    ("reward.timeout_s", lambda c: c.reward.num_workers == 0, "reward.num_workers=0",
-     "rewards are scored in the driver, without a time limit"),
+    *[(f"reward.{k}", lambda c: c.reward.num_workers == 0, "reward.num_workers=0",
+       "rewards are scored in the driver, without a time or memory limit")
+      for k in ("timeout_s", "memory_limit_mb")],
     ("algo.tis_cap", lambda c: c.algo.rollout_correction != "tis", "algo.rollout_correction other than tis",
      "no truncated importance weight"),
     *[(f"algo.{k}", lambda c: c.algo.rollout_correction != "mis", "algo.rollout_correction other than mis",

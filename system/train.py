@@ -128,7 +128,8 @@ def train(cfg, model_path: str, run_dir: str) -> int:
                            cfg.logging.wandb_project if cfg.logging.wandb else None,
                            config=OmegaConf.to_container(OmegaConf.structured(cfg)))
     specs = [{"name": s.name, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in cfg.reward.functions]
-    with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s) as pool:
+    with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s,
+                    memory_limit_mb=cfg.reward.memory_limit_mb) as pool:
         trainer = Trainer(cfg, model_path, tokenizer, prompts, run_dir)
         trainer.rewards = pool
         try:

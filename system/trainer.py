@@ -28,6 +28,7 @@ import time
 
 import ray
 import torch
+from ray.exceptions import RayActorError
 
 from system import checkpoint
 from system.actor_group import ActorGroup, placement_line
@@ -37,7 +38,7 @@ from system.algo.kl_seq import group_kl_baseline
 from system.config import ConfigError, lora_sync_mode, uses_sampler_logprobs
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.prompts import PromptSampler, PromptSets
-from system.faults import ChecksumMismatch, FaultHandler
+from system.faults import ChecksumMismatch, FaultHandler, RunStopped
 from system.inflight import InFlight, InFlightQueue
 from system.metrics import reduce_learner_steps
 
@@ -380,8 +381,26 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self, step: int, start_eval: dict) -> str:
+        """Write the checkpoint of `step`. If it cannot be written (a full disk, a volume gone),
+        its partial files are removed and the run stops with one line; the previous checkpoint
+        stays what `latest` names, whole and loadable."""
         t0 = time.perf_counter()
         tmp = checkpoint.begin(self.run_dir, step)
+        try:
+            path = self._write_checkpoint(tmp, step, start_eval)
+        except RayActorError:  # a worker died meanwhile: system/faults.py recovers and retries
+            raise
+        except Exception as err:  # noqa: BLE001 - any write failure: stop, keeping the last one
+            checkpoint.discard(tmp)
+            raise RunStopped(f"checkpoint {step} could not be written ({checkpoint.write_problem(tmp, err)}); "
+                             f"its partial files were removed and the previous checkpoint is intact. "
+                             f"Free space on that volume (or point output_dir at a larger one) and "
+                             f"resubmit the same command with trainer.resume=auto to continue from "
+                             f"{checkpoint.find_resumable(self.run_dir) or 'the beginning'}") from None
+        print(f"[checkpoint] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
+        return path
+
+    def _write_checkpoint(self, tmp: str, step: int, start_eval: dict) -> str:
         self.learners.call("save_checkpoint", os.path.join(tmp, "learner"))
         # with samples in flight, the data position is the one before the first was drawn, and the
         # samples themselves are kept (this waits for the sampler): a resumed run learns from the
@@ -393,9 +412,7 @@ class Trainer:
             torch.save([{"step": x.step, "version": x.version, "outputs": ray.get(x.launched[0])}
                         for x in self.inflight], os.path.join(tmp, PENDING))
             state["pending_sample"] = PENDING
-        path = checkpoint.commit(self.run_dir, tmp, step, state, self.cfg.checkpoint.keep)
-        print(f"[checkpoint] step {step} -> {path} ({time.perf_counter() - t0:.1f}s)", flush=True)
-        return path
+        return checkpoint.commit(self.run_dir, tmp, step, state, self.cfg.checkpoint.keep)
 
     def maybe_resume(self, logger) -> tuple[int, dict | None]:
         """(steps already done, start-of-run eval) from the checkpoint trainer.resume names."""

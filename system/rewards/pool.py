@@ -1,7 +1,8 @@
 """RewardPool: score responses in worker processes, with a time limit per sample.
 
-A reward that hangs or raises must never stop training: that sample scores 0.0 and is counted
-(metrics reward_timeouts / reward_errors), and a hung worker process is killed and replaced.
+A reward that hangs, raises or allocates past the worker's memory limit must never stop training:
+that sample scores 0.0 and is counted (metrics reward_timeouts / reward_errors /
+reward_memory_limits), and a hung or over-limit worker process is killed and replaced.
 concurrent.futures cannot kill one hung task, so the pool manages its own processes:
 
 1. Start num_workers processes ("spawn" by default: the driver runs Ray and torch threads, which
@@ -39,11 +40,26 @@ _log = logging.getLogger(__name__)
 _STARTUP_TIMEOUT_S = 120.0  # a worker that cannot import and build its rewards in this long is broken
 
 
-def _worker_main(specs: list[dict], conn) -> None:
-    """Worker loop: build the rewards, say ready, then answer (idx, response, answer) until None."""
+def _limit_memory(extra_mb: float) -> None:
+    """Cap this process's address space at what it holds now plus extra_mb: an allocation past it
+    fails (MemoryError in Python) instead of growing until the machine's OOM killer picks a victim,
+    which may be the driver or a learner."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        held = int(f.read().split()[0]) * resource.getpagesize()
+    cap = held + int(extra_mb * 2**20)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+
+def _worker_main(specs: list[dict], conn, memory_limit_mb: float = 0.0) -> None:
+    """Worker loop: build the rewards, cap memory, say ready, then answer (idx, response, answer)
+    until None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it closes us
     try:
         reward = CombinedReward(specs)
+        if memory_limit_mb:
+            _limit_memory(memory_limit_mb)
     except BaseException:
         conn.send(("init_error", traceback.format_exc(limit=3)))
         return
@@ -59,6 +75,9 @@ def _worker_main(specs: list[dict], conn) -> None:
         try:
             total, parts = reward(response, answer)
             conn.send((idx, "ok", (total, parts)))
+        except MemoryError:  # past the cap: this worker is replaced, as after a timeout
+            conn.send((idx, "memory", "allocated past reward.memory_limit_mb"))
+            return
         except Exception as err:  # noqa: BLE001 - any reward failure scores 0, training goes on
             conn.send((idx, "error", f"{type(err).__name__}: {err}"))
 
@@ -69,12 +88,15 @@ class _Tally:
 
     timeouts: int = 0
     errors: int = 0
+    memory: int = 0  # samples whose reward allocated past the worker's memory limit
     restarts: int = 0
     first_problem: Optional[str] = None
 
     def note(self, kind: str, idx: int, detail: str) -> None:
         if kind == "timeout":
             self.timeouts += 1
+        elif kind == "memory":
+            self.memory += 1
         else:
             self.errors += 1
         if self.first_problem is None:
@@ -84,10 +106,10 @@ class _Tally:
 class _Worker:
     """One worker process, its pipe, and the sample it is scoring (if any)."""
 
-    def __init__(self, ctx, specs: list[dict]):
+    def __init__(self, ctx, specs: list[dict], memory_limit_mb: float):
         self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(specs, child_conn), daemon=True,
-                                name="reward-worker")
+        self.proc = ctx.Process(target=_worker_main, args=(specs, child_conn, memory_limit_mb),
+                                daemon=True, name="reward-worker")
         self.proc.start()
         child_conn.close()
         self.ready = False
@@ -106,12 +128,16 @@ class RewardPool:
     """Score (response, answer) pairs with a weighted reward, each sample within timeout_s.
 
     score(responses, answers) -> (rewards, metrics). metrics: reward_timeouts, reward_errors,
-    reward_worker_restarts, reward_time_s, and reward_<label> (mean of each part over the samples
-    that scored). Use as a context manager or call close().
+    reward_memory_limits, reward_worker_restarts, reward_time_s, and reward_<label> (mean of each
+    part over the samples that scored). Use as a context manager or call close().
+
+    memory_limit_mb: how much memory each worker may allocate beyond what it holds once its
+    rewards are built (0: no limit); a sample whose reward needs more scores 0, is counted
+    (reward_memory_limits) and its worker is replaced, like a timeout.
     """
 
     def __init__(self, specs: list, num_workers: int = 0, timeout_s: float = 10.0,
-                 start_method: str = "spawn"):
+                 start_method: str = "spawn", memory_limit_mb: float = 0.0):
         if num_workers < 0:
             raise ValueError(f"RewardPool: num_workers must be >= 0, got {num_workers}")
         if timeout_s <= 0:
@@ -119,12 +145,14 @@ class RewardPool:
         self.specs = [normalize_spec(s) for s in specs]
         self.reward = CombinedReward(self.specs)  # validates specs here, in the driver, before spawning
         self.timeout_s = float(timeout_s)
+        self.memory_limit_mb = float(memory_limit_mb)
         self.num_workers = num_workers
         self._ctx = mp.get_context(start_method)
         self._workers: list[_Worker] = []
         self._closed = False
         try:
-            self._workers = [_Worker(self._ctx, self.specs) for _ in range(num_workers)]
+            self._workers = [_Worker(self._ctx, self.specs, self.memory_limit_mb)
+                             for _ in range(num_workers)]
             self._wait_ready()
         except BaseException:
             self.close()
@@ -150,8 +178,8 @@ class RewardPool:
         else:
             self._run(list(zip(responses, answers)), results, tally)
         if tally.first_problem is not None:
-            _log.warning("rewards: %d timed out, %d failed (scored 0); first: %s",
-                         tally.timeouts, tally.errors, tally.first_problem)
+            _log.warning("rewards: %d timed out, %d over the memory limit, %d failed (scored 0); "
+                         "first: %s", tally.timeouts, tally.memory, tally.errors, tally.first_problem)
         return self._summarize(results, tally, time.perf_counter() - start)
 
     def close(self) -> None:
@@ -233,13 +261,16 @@ class RewardPool:
         worker.task = None
         if status == "ok":
             results[idx] = payload
+        elif status == "memory":
+            tally.note("memory", idx, payload)
+            self._replace(i, tally)
         else:
             tally.note("error", idx, payload)
         return 1
 
     def _replace(self, i: int, tally: _Tally) -> None:
         self._workers[i].kill()
-        self._workers[i] = _Worker(self._ctx, self.specs)
+        self._workers[i] = _Worker(self._ctx, self.specs, self.memory_limit_mb)
         tally.restarts += 1
 
     def _wait_ready(self) -> None:
@@ -257,6 +288,7 @@ class RewardPool:
         metrics: dict[str, Any] = {
             "reward_timeouts": tally.timeouts,
             "reward_errors": tally.errors,
+            "reward_memory_limits": tally.memory,
             "reward_worker_restarts": tally.restarts,
             "reward_time_s": elapsed,
         }

@@ -144,3 +144,17 @@ def test_reward_the_workers_cannot_import_fails_at_construction(monkeypatch):
         RewardPool([{"name": "driver_only_rewards:one"}], num_workers=1)
     with RewardPool([{"name": "driver_only_rewards:one"}], num_workers=0) as pool:
         assert pool.score(["x"], ["y"])[0] == [1.0]
+
+
+def test_a_reward_that_allocates_without_bound_hits_the_memory_limit_and_scores_0(_repo_on_path):
+    """Without the limit this sample would take the machine's memory; with it the allocation fails
+    in the worker, which is replaced, and scoring goes on."""
+    with RewardPool(MOODY, num_workers=1, timeout_s=30.0, memory_limit_mb=256) as pool:
+        start = time.monotonic()
+        rewards, metrics = pool.score(["ok", "hog", "ok"], ["1"] * 3)
+        assert rewards == [1.0, 0.0, 1.0]
+        assert metrics["reward_memory_limits"] == 1 and metrics["reward_errors"] == 0
+        assert metrics["reward_timeouts"] == 0 and metrics["reward_worker_restarts"] == 1
+        assert time.monotonic() - start < 25  # refused at once, not after the time limit
+        rewards, metrics = pool.score(["ok"] * 2, ["1"] * 2)
+        assert rewards == [1.0, 1.0] and metrics["reward_memory_limits"] == 0
