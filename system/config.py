@@ -10,6 +10,8 @@ warning line for it.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -202,6 +204,7 @@ class FaultsConfig:
 @dataclass
 class RayConfig:
     address: str = ""  # "": RAY_ADDRESS, else a running cluster, else a new local one; "local": always new
+    connect_timeout_s: float = 30.0  # deadline to attach to a running cluster (system/cluster.py)
     torch_threads: int = 1  # torch threads per actor process
     log_to_driver: bool = True  # forward actor output to the driver
 
@@ -364,8 +367,25 @@ def validate(cfg: Config) -> None:
     _check(cfg.sync.bucket_mb > 0, "sync.bucket_mb", "must be > 0")
     _check(cfg.sync.backend in ("auto", "gloo", "nccl"), "sync.backend", "must be auto, gloo or nccl")
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
+    _check(cfg.ray.connect_timeout_s > 0, "ray.connect_timeout_s", "must be > 0")
     _validate_placement(cfg)
     _validate_faults(cfg)
+    _validate_numbers(cfg)
+
+
+def _validate_numbers(cfg, prefix: str = "") -> None:
+    """Every float finite, every count and resource amount >= 0, trainer.resume a known value."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _validate_numbers(value, key + ".")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), key, "must be a finite number")
+        if f.name in ("num_cpus", "num_gpus", "warmup_steps", "weight_decay", "max_new_tokens"):
+            _check(value >= 0, key, "must be >= 0")
+    if not prefix:
+        _check(cfg.trainer.resume in ("none", "auto") or os.path.isdir(cfg.trainer.resume),
+               "trainer.resume", f"{cfg.trainer.resume!r} must be none, auto or a checkpoint directory")
 
 
 def _validate_lora(cfg: Config) -> None:
