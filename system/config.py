@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from system.algo.kl import KL_MODES
@@ -237,6 +237,38 @@ def _one_line(err: Exception) -> str:
     return f"{key}: {first}" if key and key not in first else first
 
 
+def _load_yaml(path: str):
+    """The YAML file as a DictConfig; ConfigError with one line for a file that is not one."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}: "
+                          f"{getattr(err, 'problem', None) or _one_line(err)}") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"config file {path}: cannot be read as text ({_one_line(err)})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path}: must hold a mapping of sections (run_name, model, ...)")
+    return loaded
+
+
+def _from_dotlist(overrides: list):
+    """key=value overrides, each value parsed as YAML; ConfigError naming the one that is not."""
+    import yaml
+
+    layers = []
+    for item in overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{item.split('=', 1)[0]}: {item.split('=', 1)[1][:40]!r} is not a YAML "
+                              f"value ({getattr(err, 'problem', None) or type(err).__name__})") from None
+    return OmegaConf.merge(*layers) if layers else OmegaConf.create()
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
     """Merge schema defaults <- YAML file <- dotlist overrides, then validate()."""
     schema = OmegaConf.structured(Config)
@@ -245,19 +277,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         if path:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            layers.append(_load_yaml(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not key=value")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
         # reward functions are a list of RewardSpec: type-check each entry against the schema
         specs = []
         for i, spec in enumerate(merged.reward.functions):
             try:
                 specs.append(OmegaConf.merge(OmegaConf.structured(RewardSpec), spec))
-            except OmegaConfBaseException as err:
+            except (OmegaConfBaseException, ValueError, TypeError) as err:
                 raise ConfigError(f"reward.functions[{i}]: {_one_line(err)}") from None
         cfg: Config = OmegaConf.to_object(merged)
         cfg.reward.functions = [OmegaConf.to_object(s) for s in specs]

@@ -165,14 +165,14 @@ def check_rewards(cfg, sample_answer: str) -> None:
         try:
             s = normalize_spec(spec)
             fn = make_reward(s["name"], **s["kwargs"])
-        except Exception as err:  # noqa: BLE001 - an import of user code can raise anything
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - an import of user code can raise anything
             raise ConfigError(f"{key}: {str(err).splitlines()[0] if str(err) else _first_line(err)}") from None
         try:
             with _time_limit(min(cfg.reward.timeout_s, 5.0)):
                 value = fn(sample_answer, sample_answer)
         except TimeoutError:
             continue
-        except Exception as err:  # noqa: BLE001
+        except (Exception, SystemExit) as err:  # noqa: BLE001 - user code: anything, even exit()
             raise ConfigError(f"{key}: {s['name']}(response, answer) raised {_first_line(err)} on the "
                               f"answer {sample_answer[:40]!r} itself") from None
         try:

@@ -36,9 +36,14 @@ EXIT_CODES = """exit codes:
   130  interrupted (Ctrl-C): one line with the command that continues from the latest checkpoint"""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, as any other bad input
+        self.exit(2, f"config error: {message} (python -m system.train --help)\n")
+
+
 def parse_args(argv=None):
     sections = ", ".join(f.name for f in dataclasses.fields(Config))
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m system.train", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"config keys (key=value overrides, OmegaConf dotlist): {sections}.\n"
@@ -70,7 +75,10 @@ def continue_command(args) -> str:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as done:  # --help (0) or a usage error (2, its line printed)
+        return done.code if isinstance(done.code, int) else 2
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:

@@ -21,6 +21,19 @@ class PromptSets:
 
 def load_prompt_sets(cfg, tokenizer) -> PromptSets:
     """Rows from the synthetic task (debug mode) or from files, rendered and tokenized."""
+    from transformers.utils import logging
+
+    # a prompt longer than the model's limit is dropped and counted (data.max_prompt_tokens), so
+    # transformers' "Token indices sequence length is longer than ..." warning says nothing new
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        return _load(cfg, tokenizer)
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def _load(cfg, tokenizer) -> PromptSets:
     stats: dict = {}
     if cfg.data.source == "synthetic":
         from system.data import synthetic
