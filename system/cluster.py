@@ -15,6 +15,7 @@ Which cluster: ray.address, else RAY_ADDRESS, else the cluster `ray start` recor
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -90,6 +91,9 @@ def _start_local(cfg, kwargs: dict) -> bool:
 
     from system.resources import required_resources
 
+    # Ray's notice that a new local cluster uses token authentication, on every run: the cluster
+    # is this run's own, on loopback only; clusters started with `ray start` still say it
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     os.environ[LOOPBACK_ENV] = "0"  # read by the processes the cluster starts
     ray_constants.ENABLE_RAY_CLUSTER = False  # and by this one, whose Ray module is already loaded
     need = required_resources(cfg)

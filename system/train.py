@@ -158,6 +158,10 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts) -> int:
     from system.rewards.pool import RewardPool
     from system.trainer import Trainer
 
+    from system.trainer import quiet_third_party
+
+    for key, value in quiet_third_party(cfg).items():  # the driver imports DeepSpeed too (actor classes)
+        os.environ.setdefault(key, value)
     t0 = time.perf_counter()
     embedded = ray.is_initialized()  # the caller's cluster (tests, notebooks): left connected
     init_ray(cfg)

@@ -41,6 +41,16 @@ from system.inflight import InFlight, InFlightQueue
 from system.metrics import reduce_learner_steps
 
 
+def quiet_third_party(cfg) -> dict:
+    """Environment that keeps third-party notices off the console, where they repeated once per
+    process: DeepSpeed's "Setting accelerator to CPU" (it is told instead, with learners on CPU) and
+    torch's deprecation of all_gather_into_tensor, which DeepSpeed's ZeRO calls every step."""
+    env = {"PYTHONWARNINGS": "ignore:`torch.distributed.all_gather_into_tensor` is deprecated:FutureWarning"}
+    if cfg.learner.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 class Phases:
     """Seconds per phase of one step."""
 
@@ -80,7 +90,7 @@ class Trainer:
         # no progress bars from the workers (loading and saving weights): their output would
         # interleave with the step lines, and arrive after the summary
         env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", **quiet_third_party(c)}
         threads = c.ray.torch_threads
         self.rollout = ActorGroup(
             "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
