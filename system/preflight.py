@@ -113,6 +113,10 @@ def _check_weights(path: str, shapes: dict) -> None:
     if files and not set(found) & set(shapes):
         raise ConfigError(f"model.path: {path}: no tensor in the weights is a parameter of the model "
                           f"config.json describes")
+    missing = sorted(set(shapes) - set(found) - {"lm_head.weight"})  # a tied head has no tensor
+    if files and missing and len(set(found) & set(shapes)) >= len(shapes) / 2:  # same naming, gaps
+        raise ConfigError(f"model.path: {path}: the weights lack {len(missing)} parameter(s) of the "
+                          f"model config.json describes, e.g. {missing[0]}")
     for name, shape in found.items():
         if name in shapes and shapes[name] != shape:
             raise ConfigError(f"model.path: {path}: weight {name} has shape {list(shape)}, config.json "

@@ -229,7 +229,15 @@ def model_cases(tmp: Path, rng: random.Random, n: int) -> list[str]:
             (d / name).write_bytes(data[:keep(len(data))])
         return edit
 
+    def drop_tensor(d):
+        from safetensors.torch import load_file, save_file
+
+        weights = load_file(d / "model.safetensors")
+        weights.pop(rng.choice(sorted(weights)))
+        save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+
     edits = [
+        drop_tensor,
         lambda d: (d / "config.json").unlink(),
         lambda d: (d / "config.json").write_text("{not json"),
         lambda d: (d / "config.json").write_text("[]"),
@@ -301,7 +309,7 @@ def test_fuzzed_bad_input_exits_2_with_one_line_or_is_accepted(tmp_path, capsys,
         "config": [argv(*c) for c in config_cases(rng, 130)],
         "yaml": [argv(config=p) for p in yaml_cases(tmp_path, rng, 12)],
         "data": [argv(data=p) for p in data_cases(tmp_path, rng, 40)],
-        "model": [argv(model_path=p) for p in model_cases(tmp_path, rng, 36)],
+        "model": [argv(model_path=p) for p in model_cases(tmp_path, rng, 38)],
         "reward": [argv(c) for c in reward_cases(rng)],
     }
     must_refuse = {"yaml", "model", "reward"}
