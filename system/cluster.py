@@ -41,11 +41,14 @@ def init_ray(cfg) -> bool:
         ray.init(address=address, **kwargs)
         return False
     source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
-    if not address:
-        from ray._private.services import get_ray_address_from_environment
+    if address in ("", "auto"):  # the cluster `ray start` recorded on this machine, if any
+        from ray._private.utils import read_ray_address
 
-        address = get_ray_address_from_environment(None, None) or ""
-        source = "found in ray_current_cluster, left by `ray start` on this machine"
+        wanted, address = address, read_ray_address() or ""
+        source = "recorded in ray_current_cluster by `ray start` on this machine"
+        if not address and wanted == "auto":
+            raise ConfigError("ray.address: auto, but no `ray start` cluster is recorded on this "
+                              "machine: start one, give its host:port, or pass ray.address=local")
         if not address:
             return _start_local(cfg, kwargs)
     _attach(address, source, cfg.ray.connect_timeout_s, kwargs)

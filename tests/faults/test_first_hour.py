@@ -152,18 +152,29 @@ def test_the_example_dataset_trains_the_debug_model(tmp_path):
 
 # ---- 3. attaching to a cluster has a deadline ---------------------------------------------------
 
-def test_an_unreachable_cluster_stops_the_run_within_the_deadline_with_one_line(tmp_path):
+@pytest.mark.parametrize("found_by", ["RAY_ADDRESS", "stale record"])
+def test_an_unreachable_cluster_stops_the_run_within_the_deadline_with_one_line(tmp_path, found_by):
+    """RAY_ADDRESS naming a cluster that is gone, or the record a `ray start` left behind (in a
+    Ray temp dir of the test's own, RAY_TMPDIR, not the machine's)."""
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{port}", "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(ROOT), RAY_TMPDIR=str(tmp_path / "rt"))
+    source = "RAY_ADDRESS"
+    if found_by == "RAY_ADDRESS":
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    else:
+        (tmp_path / "rt" / "ray").mkdir(parents=True)
+        (tmp_path / "rt" / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}")
+        source = "recorded in ray_current_cluster by `ray start` on this machine"
     t0 = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "system.train",
                            *_args(tmp_path, _data(tmp_path / "t.jsonl", GOOD))],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert _errors(proc.stderr) == [
-        f"config error: ray.address: no Ray cluster answers at 127.0.0.1:{port} (RAY_ADDRESS) within "
+        f"config error: ray.address: no Ray cluster answers at 127.0.0.1:{port} ({source}) within "
         f"30s (Connection refused): if that cluster is gone, run `ray stop` (and unset RAY_ADDRESS); "
         f"to start a local cluster instead, pass ray.address=local"], proc.stderr
     assert time.monotonic() - t0 < 90
