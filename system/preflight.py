@@ -123,8 +123,14 @@ def _check_weights(path: str, shapes: dict) -> None:
                               f"makes it {list(shapes[name])}")
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def _load_tokenizer(path: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise ConfigError(f"model.path: {path} has no tokenizer ({', '.join(_TOKENIZER_FILES)})")
 
     try:
         with warnings.catch_warnings():

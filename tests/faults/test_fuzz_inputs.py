@@ -56,7 +56,7 @@ def _run_case(capsys, stub, argv) -> tuple[str, str]:
         return "traceback", text[-500:]
     errors = [x for x in out.err.strip().splitlines() if x and not x.startswith(WARNING_PREFIXES)]
     if rc == 2 and len(errors) == 1 and errors[0].startswith("config error: ") and stub.calls == 0:
-        return "clean", "refused"
+        return "clean", errors[0]
     if rc == 0 and not errors and stub.calls == 1:
         return "clean", "accepted"
     return "unclean", f"rc={rc} stub={stub.calls} stderr={out.err[-300:]!r}"
@@ -312,6 +312,9 @@ def test_fuzzed_bad_input_exits_2_with_one_line_or_is_accepted(tmp_path, capsys,
         "model": [argv(model_path=p) for p in model_cases(tmp_path, rng, 38)],
         "reward": [argv(c) for c in reward_cases(rng)],
     }
+    # what a refusal must name: the input that was mutated
+    names = {"yaml": "config error: config file ", "model": "config error: model.path: ",
+             "reward": "config error: reward.functions", "data": "config error: data"}
     must_refuse = {"yaml", "model", "reward"}
     tally = {"tried": 0, "clean": 0, "tracebacks": 0}
     problems = []
@@ -319,8 +322,10 @@ def test_fuzzed_bad_input_exits_2_with_one_line_or_is_accepted(tmp_path, capsys,
         for case in cases:
             verdict, detail = _run_case(capsys, stub, case)
             tally["tried"] += 1
-            if verdict == "clean" and group in must_refuse and detail != "refused":
+            if verdict == "clean" and group in must_refuse and detail == "accepted":
                 verdict, detail = "unclean", "a broken input was accepted"
+            elif verdict == "clean" and detail != "accepted" and not detail.startswith(names.get(group, "")):
+                verdict, detail = "unclean", f"refused without naming the input: {detail}"
             tally["clean"] += verdict == "clean"
             tally["tracebacks"] += verdict == "traceback"
             if verdict != "clean":
