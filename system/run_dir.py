@@ -12,7 +12,8 @@ What claim() decides, from what the directory holds and trainer.resume:
   0 and its old metrics, TensorBoard events, summary and final policy are removed first;
 - a finished run (summary.json for at least trainer.steps steps) with trainer.resume=auto:
   `complete`, nothing to do (`make run` twice in a row says so and exits 0).
-Nothing is created before begin(), so a run that fails before training leaves no run directory.
+Nothing is created before begin() (not even output_dir), so a run that fails before training
+leaves no run directory.
 """
 
 from __future__ import annotations
@@ -54,15 +55,24 @@ class RunDir:
 
 
 def _check_writable_dir(key: str, path: str) -> None:
-    """ConfigError naming `key` unless `path` is (or can be created as) a writable directory."""
+    """ConfigError naming `key` unless `path` is a writable directory or can be created as one
+    (it is created to find out, then removed again: begin() makes it for a run that starts)."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError(f"{key}: {path} is a file, not a directory")
+    if os.path.isdir(path):
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{key}: {path} is not writable")
+        return
+    missing, parent = [], path
+    while parent and not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
     try:
-        os.makedirs(path, exist_ok=True)
+        os.makedirs(path)
     except OSError as err:
         raise ConfigError(f"{key}: cannot create {path} ({err.strerror or err})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}: {path} is not writable")
+    for created in missing:  # deepest first
+        os.rmdir(created)
 
 
 def claim(cfg) -> RunDir:

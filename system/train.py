@@ -114,14 +114,28 @@ def main(argv=None) -> int:
         print(f"\ninterrupted: continue from {where} with: {continue_command(args)}", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a failure during training: one line, traceback kept
-        log = os.path.join(run.path if os.path.isdir(run.path) else cfg.output_dir, "error.log")
-        with open(log, "w") as f:
-            traceback.print_exc(file=f)
+        log = _write_traceback(run.path if os.path.isdir(run.path) else cfg.output_dir)
         text = str(getattr(err, "cause", None) or err).strip()
         first = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"[:300]
         print(f"error: {first} (traceback in {log}); continue with: {continue_command(args)}",
               file=sys.stderr)
         return 1
+
+
+def _write_traceback(directory: str) -> str:
+    """The current exception's traceback in <directory>/error.log (else in the temp dir); its path."""
+    import tempfile
+
+    for where in (directory, tempfile.gettempdir()):
+        try:
+            os.makedirs(where, exist_ok=True)
+            log = os.path.join(where, "error.log")
+            with open(log, "w") as f:
+                traceback.print_exc(file=f)
+            return log
+        except OSError:
+            continue
+    return "(not written)"
 
 
 def check_inputs(cfg) -> dict | None:

@@ -77,7 +77,7 @@ def test_rerun_of_an_existing_run_name_is_refused_and_appends_nothing(tmp_path, 
 def test_a_run_that_fails_before_training_leaves_no_run_directory(tmp_path, capsys, no_ray):
     rc, _, err = _main(capsys, _args(tmp_path, tmp_path / "missing.jsonl"))
     assert rc == 2 and len(err) == 1 and "missing.jsonl" in err[0]
-    assert not (tmp_path / "out" / "debug").exists()
+    assert not (tmp_path / "out").exists()  # nor its output_dir
 
 
 def test_resume_auto_of_a_finished_run_says_it_is_complete(tmp_path, capsys, no_ray):
