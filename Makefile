@@ -1,4 +1,6 @@
-# make run   installs what is needed and trains the local debug run (CPU, < 10 minutes on 2 cores)
+# make run   installs what is needed and trains the local debug run (CPU, < 10 minutes on 2 cores);
+#            run it again after Ctrl-C to continue from the latest checkpoint (every 10 steps);
+#            once the run is complete it says so. ARGS="key=value ..." adds config overrides.
 # make test  installs what is needed and runs the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -22,7 +24,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(PY) -m system.train --config configs/debug.yaml
+	$(PY) -m system.train --config configs/debug.yaml trainer.resume=auto $(ARGS)
 
 test: install
 	$(PY) -m pytest -q --durations=15

@@ -10,11 +10,13 @@ warning line for it.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from system.algo.kl import KL_MODES
@@ -210,6 +212,7 @@ class FaultsConfig:
 @dataclass
 class RayConfig:
     address: str = ""  # "": RAY_ADDRESS, else a running cluster, else a new local one; "local": always new
+    connect_timeout_s: float = 30.0  # deadline to attach to a running cluster (system/cluster.py)
     torch_threads: int = 1  # torch threads per actor process
     log_to_driver: bool = True  # forward actor output to the driver
 
@@ -242,6 +245,38 @@ def _one_line(err: Exception) -> str:
     return f"{key}: {first}" if key and key not in first else first
 
 
+def _load_yaml(path: str):
+    """The YAML file as a DictConfig; ConfigError with one line for a file that is not one."""
+    import yaml
+
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"config file {path}: not valid YAML{where}: "
+                          f"{getattr(err, 'problem', None) or _one_line(err)}") from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise ConfigError(f"config file {path}: cannot be read as text ({_one_line(err)})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {path}: must hold a mapping of sections (run_name, model, ...)")
+    return loaded
+
+
+def _from_dotlist(overrides: list):
+    """key=value overrides, each value parsed as YAML; ConfigError naming the one that is not."""
+    import yaml
+
+    layers = []
+    for item in overrides:
+        try:
+            layers.append(OmegaConf.from_dotlist([item]))
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{item.split('=', 1)[0]}: {item.split('=', 1)[1][:40]!r} is not a YAML "
+                              f"value ({getattr(err, 'problem', None) or type(err).__name__})") from None
+    return OmegaConf.merge(*layers) if layers else OmegaConf.create()
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
     """Merge schema defaults <- YAML file <- dotlist overrides, then validate()."""
     schema = OmegaConf.structured(Config)
@@ -250,19 +285,19 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         if path:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(OmegaConf.load(path))
+            layers.append(_load_yaml(path))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not key=value")
-            layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_from_dotlist(overrides))
         merged = OmegaConf.merge(*layers)
         # reward functions are a list of RewardSpec: type-check each entry against the schema
         specs = []
         for i, spec in enumerate(merged.reward.functions):
             try:
                 specs.append(OmegaConf.merge(OmegaConf.structured(RewardSpec), spec))
-            except OmegaConfBaseException as err:
+            except (OmegaConfBaseException, ValueError, TypeError) as err:
                 raise ConfigError(f"reward.functions[{i}]: {_one_line(err)}") from None
         cfg: Config = OmegaConf.to_object(merged)
         cfg.reward.functions = [OmegaConf.to_object(s) for s in specs]
@@ -389,8 +424,25 @@ def validate(cfg: Config) -> None:
     _check(cfg.sync.timeout_s > 0, "sync.timeout_s", "must be > 0")
     _validate_gpus(cfg)
     _check(cfg.ray.torch_threads >= 1, "ray.torch_threads", "must be >= 1")
+    _check(cfg.ray.connect_timeout_s > 0, "ray.connect_timeout_s", "must be > 0")
     _validate_placement(cfg)
     _validate_faults(cfg)
+    _validate_numbers(cfg)
+
+
+def _validate_numbers(cfg, prefix: str = "") -> None:
+    """Every float finite, every count and resource amount >= 0, trainer.resume a known value."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if dataclasses.is_dataclass(value):
+            _validate_numbers(value, key + ".")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), key, "must be a finite number")
+        if f.name in ("num_cpus", "num_gpus", "warmup_steps", "weight_decay", "max_new_tokens"):
+            _check(value >= 0, key, "must be >= 0")
+    if not prefix:
+        _check(cfg.trainer.resume in ("none", "auto") or os.path.isdir(cfg.trainer.resume),
+               "trainer.resume", f"{cfg.trainer.resume!r} must be none, auto or a checkpoint directory")
 
 
 def _validate_lora(cfg: Config) -> None:

@@ -43,6 +43,16 @@ from system.inflight import InFlight, InFlightQueue
 from system.metrics import reduce_learner_steps
 
 
+def quiet_third_party(cfg) -> dict:
+    """Environment that keeps third-party notices off the console, where they repeated once per
+    process: DeepSpeed's "Setting accelerator to CPU" (it is told instead, with learners on CPU) and
+    torch's deprecation of all_gather_into_tensor, which DeepSpeed's ZeRO calls every step."""
+    env = {"PYTHONWARNINGS": "ignore:`torch.distributed.all_gather_into_tensor` is deprecated:FutureWarning"}
+    if cfg.learner.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
 class Phases:
     """Seconds per phase of one step."""
 
@@ -79,7 +89,10 @@ class Trainer:
     # ---- actors -----------------------------------------------------------------------------
     def start_actors(self) -> None:
         c = self.cfg
-        env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false"}
+        # no progress bars from the workers (loading and saving weights): their output would
+        # interleave with the step lines, and arrive after the summary
+        env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", **quiet_third_party(c)}
         threads = c.ray.torch_threads
         self.rollout = ActorGroup(
             "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
@@ -354,7 +367,8 @@ class Trainer:
             logger.log(0, self.data_stats(), kind="data")
             start = self.faults.call(self.evaluate, "evaluation")
             logger.log(0, start, kind="eval")
-            print(f"[eval] step 0: {start}", flush=True)
+            if start:  # empty without a held-out set (train.py says so at start)
+                print(f"[eval] step 0: {start}", flush=True)
         last = self.start_eval = start
         if progress is not None:
             progress.update(done)
@@ -368,7 +382,8 @@ class Trainer:
             if step == c.trainer.steps or (c.eval.every and step % c.eval.every == 0):
                 last = self.faults.call(self.evaluate, f"evaluation at step {step}")
                 logger.log(step, last, kind="eval")
-                print(f"[eval] step {step}: {last}", flush=True)
+                if last:
+                    print(f"[eval] step {step}: {last}", flush=True)
             if c.checkpoint.every and step % c.checkpoint.every == 0 and self.faults.healthy:
                 self.faults.call(lambda: self.save_checkpoint(step, start), f"checkpoint {step}")
         return {"start": start, "end": last}

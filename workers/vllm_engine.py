@@ -31,6 +31,7 @@ Log-probs come from vLLM's `processed_logprobs` mode: of the distribution actual
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -50,6 +51,26 @@ def buckets_from_plain(plain: list[list]) -> list[Bucket]:
         dtype = getattr(torch, dtype_name)
         out.append(Bucket(dtype, tuple(TensorMeta(n, tuple(s), dtype) for n, s in tensors)))
     return out
+
+
+class RotaryCacheNotice(logging.Filter):
+    """Drops vLLM's "RotaryEmbedding: Failed to load weights" from an in-place reload. A rotary
+    embedding holds only its cos/sin cache, computed from the config (rope_theta), never a
+    checkpoint tensor: a reload has nothing to load into it, vLLM warns and puts the cache back as
+    it was, which is right. Every other layer that loads nothing is still reported (and caught by
+    the checksum)."""
+
+    LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.msg == "%s: Failed to load weights" and record.args
+                    and str(record.args[0]).endswith("RotaryEmbedding"))
+
+
+def _quiet_rotary_notice() -> None:
+    logger = logging.getLogger(RotaryCacheNotice.LOGGER)
+    if not any(isinstance(f, RotaryCacheNotice) for f in logger.filters):
+        logger.addFilter(RotaryCacheNotice())
 
 
 class _Digest:
@@ -117,6 +138,7 @@ class SyncExtension:
             return [t for _, t in unpack(flat, bucket)]
 
         received = self._sync.receive(buckets, into=fresh)
+        _quiet_rotary_notice()
         digest = _Digest()
         with _checksum_before_processing(model, digest) as (covered, processed):
             self.reload_weights(weights_iterator=off_by_one(received) if corrupt else received,

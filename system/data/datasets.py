@@ -23,6 +23,7 @@ from typing import Any, Optional
 _MISSING = object()
 _PARQUET_BATCH_ROWS = 4096
 _TOKENIZE_BATCH = 1024
+_SKIP_LINES_KEPT = 3  # line numbers kept per skip reason
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -31,7 +32,9 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt", answer_field: s
                  limit: Optional[int] = None) -> tuple[list[dict], dict[str, Any]]:
     """Rows [{"prompt": str, "answer": str}] from a local dataset, and stats about the read.
 
-    stats: path, rows_read, rows_kept, rows_skipped, skip_reasons {reason: count}.
+    stats: path, rows_read, rows_kept, rows_skipped, skip_reasons {reason: count}, skip_lines
+    {reason: the first few line numbers (JSON Lines) or row numbers (other sources), from 1}, and
+    lines: the line or row number of each kept row (prompts.py names rows by it, then drops it).
     Raises FileNotFoundError for a missing path, ValueError for an empty or unreadable source or
     one with no usable row. limit: stop after this many usable rows.
     """
@@ -41,24 +44,30 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt", answer_field: s
     if not path.exists():
         raise FileNotFoundError(f"prompt dataset {path}: no such file or directory")
     rows: list[dict] = []
+    lines: list[int] = []
     reasons: Counter = Counter()
+    skip_lines: dict[str, list[int]] = {}
     n_read = 0
     first_keys: Optional[list] = None
-    for record in _iter_records(path):
+    for line, record in _iter_records(path):
         n_read += 1
         row, reason = _to_row(record, prompt_field, answer_field)
         if first_keys is None and isinstance(record, dict):
             first_keys = sorted(record)
         if row is None:
             reasons[reason] += 1
+            if len(skip_lines.setdefault(reason, [])) < _SKIP_LINES_KEPT:
+                skip_lines[reason].append(line)
             continue
         rows.append(row)
+        lines.append(line)
         if limit is not None and len(rows) >= limit:
             break
     if n_read == 0:
         raise ValueError(f"prompt dataset {path}: no rows (empty file or dataset)")
     stats = {"path": str(path), "rows_read": n_read, "rows_kept": len(rows),
-             "rows_skipped": sum(reasons.values()), "skip_reasons": dict(reasons)}
+             "rows_skipped": sum(reasons.values()), "skip_reasons": dict(reasons),
+             "skip_lines": skip_lines, "lines": lines}
     if not rows:
         raise ValueError(
             f"prompt dataset {path}: no usable row among {n_read} (prompt_field={prompt_field!r}, "
@@ -66,10 +75,11 @@ def load_prompts(path: str | Path, prompt_field: str = "prompt", answer_field: s
     return rows, stats
 
 
-def _iter_records(path: Path) -> Iterator[Any]:
-    """Raw records (dicts, or whatever a JSON line holds) from any supported source."""
+def _iter_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line or row number from 1, raw record: a dict, or whatever a JSON line holds) from any
+    supported source."""
     if path.is_dir():
-        yield from _iter_hf_dataset(path)
+        yield from enumerate(_iter_hf_dataset(path), 1)
         return
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
@@ -77,34 +87,50 @@ def _iter_records(path: Path) -> Iterator[Any]:
     if suffix in (".jsonl", ".json"):
         yield from _iter_json(path)
     elif suffix == ".parquet":
-        yield from _iter_parquet(path)
+        yield from enumerate(_iter_parquet(path), 1)
     else:
         raise ValueError(f"prompt dataset {path}: unsupported format {suffix or '(no suffix)'!r}; "
                          "use .jsonl, .json, .parquet or a `datasets` save_to_disk directory")
 
 
-def _iter_json(path: Path) -> Iterator[Any]:
-    with path.open(encoding="utf-8") as f:
+def _iter_json(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of a JSON Lines file; (index from 1, record) of one JSON array. A line
+    that is not UTF-8 is skipped like invalid JSON; an array must be UTF-8 as a whole."""
+    with path.open("rb") as f:
         head = f.read(4096).lstrip()
         f.seek(0)
-        if head.startswith("["):  # one JSON array (small files only: it is parsed whole)
+        if head.startswith(b"["):  # one JSON array (small files only: it is parsed whole)
             try:
-                records = json.load(f)
-            except json.JSONDecodeError as err:
+                records = json.loads(f.read().decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"prompt dataset {path}: not UTF-8 text ({err.reason} at byte "
+                                 f"{err.start})") from None
+            except (json.JSONDecodeError, RecursionError) as err:
                 raise ValueError(f"prompt dataset {path}: invalid JSON array ({err})") from None
-            yield from records
+            if not isinstance(records, list):
+                raise ValueError(f"prompt dataset {path}: expected one JSON array or JSON lines")
+            yield from enumerate(records, 1)
             return
-        for line in f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, _BadJson("not UTF-8")
+                continue
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                yield _BadJson()
+                yield number, json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                yield number, _BadJson("invalid JSON")
 
 
 class _BadJson:
-    """Marks a line that is not valid JSON, so it is skipped and counted like any other bad row."""
+    """Marks a line that is not valid JSON (or not UTF-8), so it is skipped and counted like any
+    other bad row."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 def _iter_parquet(path: Path) -> Iterator[dict]:
@@ -114,7 +140,14 @@ def _iter_parquet(path: Path) -> Iterator[dict]:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise ValueError(f"prompt dataset {path}: not a readable Parquet file ({err})") from None
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
+    batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+    while True:
+        try:
+            batch = next(batches, None)
+        except Exception as err:  # noqa: BLE001 - a damaged page surfaces only when it is read
+            raise ValueError(f"prompt dataset {path}: damaged Parquet data ({err})") from None
+        if batch is None:
+            return
         yield from batch.to_pylist()
 
 
@@ -156,7 +189,7 @@ def _get_field(record: dict, field: str) -> Any:
 def _to_row(record: Any, prompt_field: str, answer_field: str) -> tuple[Optional[dict], str]:
     """({"prompt", "answer"}, "") for a usable record, else (None, the reason it was skipped)."""
     if isinstance(record, _BadJson):
-        return None, "invalid JSON"
+        return None, record.reason
     if not isinstance(record, dict):
         return None, "not a JSON object"
     prompt = _get_field(record, prompt_field)

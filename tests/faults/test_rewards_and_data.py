@@ -53,6 +53,11 @@ def test_hanging_and_raising_rewards_and_bad_rows_are_counted_and_the_run_comple
     assert stats["rows_read"] == 8 and stats["rows_skipped"] == 3
     assert stats["skip_reasons"] == {"missing field 'solution'": 1, "missing field 'question'": 1,
                                      "invalid JSON": 1}
+    assert stats["skip_lines"] == {"missing field 'solution'": [5], "missing field 'question'": [6],
+                                   "invalid JSON": [8]}
     assert stats["train_dropped_long"] == 1
     data_line = next(line for line in run.out.splitlines() if line.startswith("[data]"))
-    assert "'rows_skipped': 3" in data_line and "'train_dropped_long': 1" in data_line
+    assert data_line == (f"[data] 4 train prompts from {data}, train rows skipped: 1 missing field "
+                         "'solution' (line 5); 1 missing field 'question' (line 6); 1 invalid JSON "
+                         "(line 8), 1 train prompts over data.max_prompt_tokens=16 dropped, "
+                         "no held-out evaluation"), data_line

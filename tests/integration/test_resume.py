@@ -14,12 +14,12 @@ from tests.integration.conftest import TEST_OVERRIDES
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, name, *overrides):
+def _run(tmp_path, name, *overrides, expect=0):
     from system.train import main
 
     rc = main(["--config", "configs/debug.yaml", *TEST_OVERRIDES, f"output_dir={tmp_path}",
                f"run_name={name}", "checkpoint.every=2", *overrides])
-    assert rc == 0
+    assert rc == expect
     return tmp_path / name
 
 
@@ -64,7 +64,7 @@ def _kill_before_step_4_pointer(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("ahead, lora", [(0, ()), (2, ()), (1, LORA)], ids=["on-policy", "ahead", "lora"])
-def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahead, lora):
+def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, capsys, ahead, lora):
     """A run interrupted and resumed from its step-2 checkpoint equals the uninterrupted run.
 
     On-policy, the run dies between step 4's checkpoint files and its `latest` pointer: the
@@ -79,10 +79,12 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, ahe
     a = (f"trainer.rollout_ahead={ahead}", *lora)
     straight = _run(tmp_path, "straight", "trainer.steps=4", *a)
 
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch:  # Ctrl-C: exit code 130 and the command that continues
         (_kill_after_step_2_checkpoint if ahead else _kill_before_step_4_pointer)(patch)
-        with pytest.raises(KeyboardInterrupt):
-            _run(tmp_path, "resumed", "trainer.steps=4", *a)
+        _run(tmp_path, "resumed", "trainer.steps=4", *a, expect=130)
+    hint = capsys.readouterr().err.strip().splitlines()[-1]
+    assert hint.startswith("interrupted: continue from its latest checkpoint (step 2) with: python -m "
+                           "system.train --config configs/debug.yaml ") and hint.endswith(" trainer.resume=auto")
     root = tmp_path / "resumed" / "checkpoints"
     assert (root / "latest").read_text().strip() == "step_000002"
     assert (root / "step_000004").is_dir() == (not ahead)  # complete on disk, never pointed at
