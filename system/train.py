@@ -109,16 +109,18 @@ def train(cfg, model_path: str, run_dir: str) -> int:
     from system.data.prompts import load_prompt_sets
     from system.resources import ResourceError, check_cluster_resources
     from system.rewards.pool import RewardPool
-    from system.trainer import Trainer
+    from system.trainer import Phases, Trainer
 
     t0 = time.perf_counter()
+    setup = Phases()  # start-up, printed on one line once the actors are ready
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     try:
         prompts = load_prompt_sets(cfg, tokenizer)
     except (OSError, ValueError) as err:  # missing, empty or unusable dataset: name it, no traceback
         raise ConfigError(str(err) if str(err).startswith("data.") else f"data: {err}") from None
     print(f"[data] {len(prompts.train)} train prompts, {len(prompts.heldout)} held-out {prompts.stats}")
-    init_ray(cfg)
+    with setup("ray.init"):
+        init_ray(cfg)
     try:
         check_cluster_resources(cfg, ray.cluster_resources())
     except ResourceError as err:
@@ -133,7 +135,10 @@ def train(cfg, model_path: str, run_dir: str) -> int:
         trainer.rewards = pool
         try:
             trainer.start_actors()
-            print(f"[setup] actors ready in {time.perf_counter() - t0:.1f}s", flush=True)
+            total = time.perf_counter() - t0
+            setup.seconds.update(trainer.startup.seconds)
+            setup.seconds["the rest"] = total - sum(setup.seconds.values())  # tokenizer, data, logger
+            print(f"[setup] actors ready in {total:.1f}s ({setup.line()})", flush=True)
             with progress_bar(cfg.trainer.steps, cfg.trainer.progress_bar) as bar:
                 result = trainer.fit(logger, bar)
             trainer.save_policy(os.path.join(run_dir, "final"))
