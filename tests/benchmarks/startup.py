@@ -10,10 +10,12 @@ start-up work) and for this tree, in alternating order:
    as on a machine where nothing was ever compiled for this installation;
 2. "repeat run": the same command again with the directory the first run left behind.
 It reads the `[setup] actors ready in ...` line of each run (and this tree's phases, printed on the
-same line), notes whether the run compiled anything into TORCH_EXTENSIONS_DIR and the load average
-before it, and checks that both trees trained the same: every metric of every step but timings
-equal (the runs share seed, model and data). Both trees use the same debug model, built once with a
-short warm start (its weights do not change the start-up; model.debug_settings below).
+same line); the CPU seconds of all the run's processes (Ray's included, sampled) when that line
+appears and at the end, which what else runs on the machine moves far less than the times; the wall
+time of the run; whether it compiled anything into TORCH_EXTENSIONS_DIR; and the load average before
+it. It checks that both trees trained the same: every metric of every step but timings equal (the
+runs share seed, model and data). Both trees use the same debug model, built once with a short warm
+start (its weights do not change the start-up; MODEL below).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +51,33 @@ def checkout(rev: str, into: Path) -> Path:
     return into
 
 
+class ProcessTreeCPU:
+    """CPU seconds of a process and all its descendants (Ray's processes and workers, and what they
+    waited for, such as a compiler), from samples: a process counts as last seen."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.seen = psutil.Process(pid), {}
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = t.user + t.system + t.children_user + t.children_system
+            except psutil.Error:
+                pass
+
+    def total(self) -> float:
+        return sum(self.seen.values())
+
+
 def run(tree: Path, ext_dir: Path, out_dir: Path, name: str, steps: int) -> dict:
     """One training run of the debug config from `tree`; its start-up line, wall time and records."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -60,12 +90,26 @@ def run(tree: Path, ext_dir: Path, out_dir: Path, name: str, steps: int) -> dict
     before = built()
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    errors = threading.Thread(target=proc.stderr.read, daemon=True)  # drained, not kept
+    errors.start()
+    cpu, cpu_ready = ProcessTreeCPU(proc.pid), None
+    while proc.poll() is None:
+        cpu.sample()
+        if cpu_ready is None and any(READY.search(line) for line in list(lines)):
+            cpu_ready = cpu.total()
+        time.sleep(0.2)
     wall = time.perf_counter() - t0
-    match = READY.search(proc.stdout)
+    reader.join()
+    stdout = "".join(lines)
+    cpu_ready = cpu.total() if cpu_ready is None else cpu_ready  # the run ended within a sample
+    match = READY.search(stdout)
     if proc.returncode != 0 or not match:
-        raise SystemExit(f"run failed (rc={proc.returncode}) in {tree}: {' '.join(cmd)}\n"
-                         f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise SystemExit(f"run failed (rc={proc.returncode}) in {tree}: {' '.join(cmd)}\n{stdout[-3000:]}")
     phases = {}
     for part in (match.group(2) or "").split(", "):
         if part:
@@ -74,10 +118,10 @@ def run(tree: Path, ext_dir: Path, out_dir: Path, name: str, steps: int) -> dict
     with open(out_dir / name / "metrics.jsonl") as f:
         train = [r for r in map(json.loads, f) if r["kind"] == "train"]
     compiled = bool(built() - before)  # this run compiled an op (a first run leaves it for the next)
-    print(f"  {name}: actors ready {float(match.group(1)):.1f}s, wall {wall:.1f}s, load {load:.2f}, "
-          f"compiled {compiled}", flush=True)
-    return {"ready": float(match.group(1)), "phases": phases, "wall": wall, "load": load,
-            "compiled": compiled, "train": train}
+    print(f"  {name}: actors ready {float(match.group(1)):.1f}s (CPU {cpu_ready:.1f}s), wall "
+          f"{wall:.1f}s (CPU {cpu.total():.1f}s), load {load:.2f}, compiled {compiled}", flush=True)
+    return {"ready": float(match.group(1)), "phases": phases, "wall": wall, "cpu": cpu.total(),
+            "cpu_ready": cpu_ready, "load": load, "compiled": compiled, "train": train}
 
 
 def metrics_differ(a: list[dict], b: list[dict]) -> list[str]:
@@ -124,10 +168,12 @@ def main() -> None:
         ready = [r["ready"] for r in rs]
         rows.append([version, "first run after install" if case == "first" else "repeat run",
                      f"{median(ready):.1f}", f"{min(ready):.1f}-{max(ready):.1f}",
-                     f"{median(r['wall'] for r in rs):.1f}",
+                     f"{median(r['cpu_ready'] for r in rs):.1f}",
+                     f"{median(r['wall'] for r in rs):.1f}", f"{median(r['cpu'] for r in rs):.1f}",
                      "yes" if any(r["compiled"] for r in rs) else "no",
                      ", ".join(f"{r['load']:.1f}" for r in rs)])
-    table = markdown_table(["tree", "case", "actors ready s (median)", "min-max", "run wall s (median)",
+    table = markdown_table(["tree", "case", "actors ready s (median)", "min-max",
+                            "CPU s to actors ready (median)", "run wall s (median)", "run CPU s (median)",
                             "run compiled an op", "load average before each run"], rows)
     phase_names = list(results["this tree", "first"][0]["phases"])
     phase_rows = [[name] + [f"{median(r['phases'].get(name, float('nan')) for r in results['this tree', c]):.1f}"
