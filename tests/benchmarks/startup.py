@@ -10,12 +10,13 @@ start-up work) and for this tree, in alternating order:
    as on a machine where nothing was ever compiled for this installation;
 2. "repeat run": the same command again with the directory the first run left behind.
 It reads the `[setup] actors ready in ...` line of each run (and this tree's phases, printed on the
-same line); the CPU seconds of all the run's processes (Ray's included, sampled) when that line
-appears and at the end, which what else runs on the machine moves far less than the times; the wall
-time of the run; whether it compiled anything into TORCH_EXTENSIONS_DIR; and the load average before
-it. It checks that both trees trained the same: every metric of every step but timings equal (the
-runs share seed, model and data). Both trees use the same debug model, built once with a short warm
-start (its weights do not change the start-up; MODEL below).
+same line); the CPU seconds of all the run's processes (Ray's included, sampled), from the launch
+to that line (the driver's imports included, which the line's clock leaves out) and to the end,
+which what else runs on the machine moves far less than the times; the wall time of the run;
+whether it compiled anything into TORCH_EXTENSIONS_DIR; and the load average before it. It checks
+that both trees trained the same: every metric of every step but timings equal (the runs share
+seed, model and data). Both trees use the same debug model, built once with a short warm start
+(its weights do not change the start-up; MODEL below).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def checkout(rev: str, into: Path) -> Path:
 
 
 class ProcessTreeCPU:
-    """CPU seconds of a process and all its descendants (Ray's processes and workers, and what they
-    waited for, such as a compiler), from samples: a process counts as last seen."""
+    """CPU seconds of a process and all its descendants (Ray's processes and workers, a compiler),
+    from samples every 0.2 s: each process counts as last seen. Own times only: a parent's
+    children_* times would count again the descendants already sampled."""
 
     def __init__(self, pid: int):
         import psutil
@@ -70,7 +72,7 @@ class ProcessTreeCPU:
         for p in procs:
             try:
                 t = p.cpu_times()
-                self.seen[p.pid] = t.user + t.system + t.children_user + t.children_system
+                self.seen[p.pid] = t.user + t.system
             except psutil.Error:
                 pass
 
@@ -93,10 +95,10 @@ def run(tree: Path, ext_dir: Path, out_dir: Path, name: str, steps: int) -> dict
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     lines: list[str] = []
+    errors: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
-    errors = threading.Thread(target=proc.stderr.read, daemon=True)  # drained, not kept
-    errors.start()
+    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
     cpu, cpu_ready = ProcessTreeCPU(proc.pid), None
     while proc.poll() is None:
         cpu.sample()
@@ -109,7 +111,8 @@ def run(tree: Path, ext_dir: Path, out_dir: Path, name: str, steps: int) -> dict
     cpu_ready = cpu.total() if cpu_ready is None else cpu_ready  # the run ended within a sample
     match = READY.search(stdout)
     if proc.returncode != 0 or not match:
-        raise SystemExit(f"run failed (rc={proc.returncode}) in {tree}: {' '.join(cmd)}\n{stdout[-3000:]}")
+        raise SystemExit(f"run failed (rc={proc.returncode}) in {tree}: {' '.join(cmd)}\n"
+                         f"{stdout[-3000:]}\n{''.join(errors)[-3000:]}")
     phases = {}
     for part in (match.group(2) or "").split(", "):
         if part:
