@@ -150,21 +150,25 @@ def main() -> None:
     p.add_argument("--no-append", action="store_true", help="print only, do not write docs/benchmarks.md")
     args = p.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="startup-bench-"))
-    trees = {"baseline": checkout(args.baseline, work / "baseline"), "this tree": ROOT}
-    results: dict = {(v, c): [] for v in trees for c in ("first", "repeat")}
+    results: dict = {}
     differences = []
-    for i in range(args.repeats):
-        order = list(trees) if i % 2 == 0 else list(trees)[::-1]
-        print(f"repeat {i + 1}/{args.repeats}: {' then '.join(order)}", flush=True)
-        runs = {}
-        for version in order:
-            ext_dir = work / f"ext-{i}-{version.replace(' ', '_')}"  # new and empty: as after install
-            for case in ("first", "repeat"):
-                name = f"{version.replace(' ', '_')}-{i}-{case}"
-                runs[version, case] = run(trees[version], ext_dir, work / "out", name, args.steps)
-                results[version, case].append(runs[version, case])
-        differences += metrics_differ(runs["baseline", "first"]["train"], runs["this tree", "first"]["train"])
+    with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:  # trees, outputs, extensions
+        work = Path(tmp)
+        trees = {"baseline": checkout(args.baseline, work / "baseline"), "this tree": ROOT}
+        results.update({(v, c): [] for v in trees for c in ("first", "repeat")})
+        for i in range(args.repeats):
+            order = list(trees) if i % 2 == 0 else list(trees)[::-1]
+            print(f"repeat {i + 1}/{args.repeats}: {' then '.join(order)}", flush=True)
+            runs = {}
+            for version in order:
+                # new and empty: as after install
+                ext_dir = work / f"ext-{i}-{version.replace(' ', '_')}"
+                for case in ("first", "repeat"):
+                    name = f"{version.replace(' ', '_')}-{i}-{case}"
+                    runs[version, case] = run(trees[version], ext_dir, work / "out", name, args.steps)
+                    results[version, case].append(runs[version, case])
+            differences += metrics_differ(runs["baseline", "first"]["train"],
+                                          runs["this tree", "first"]["train"])
 
     rows = []
     for (version, case), rs in results.items():
@@ -179,10 +183,10 @@ def main() -> None:
                             "CPU s to actors ready (median)", "run wall s (median)", "run CPU s (median)",
                             "run compiled an op", "load average before each run"], rows)
     phase_names = list(results["this tree", "first"][0]["phases"])
-    phase_rows = [[name] + [f"{median(r['phases'].get(name, float('nan')) for r in results['this tree', c]):.1f}"
+    phase_rows = [[name] + [f"{median(r['phases'].get(name, math.nan) for r in results['this tree', c]):.1f}"
                             for c in ("first", "repeat")] for name in phase_names]
-    phases = markdown_table(["phase (this tree, driver's view)", "first run s (median)", "repeat run s (median)"],
-                            phase_rows)
+    phases = markdown_table(["phase (this tree, driver's view)", "first run s (median)",
+                             "repeat run s (median)"], phase_rows)
     worst = max(r["ready"] for c in ("first", "repeat") for r in results["this tree", c])
     body = (f"Baseline: `{args.baseline}` (`git archive`), against this tree; {args.repeats} repeats, "
             f"order alternating; each run {args.steps} training steps of configs/debug.yaml with eval "
@@ -191,8 +195,8 @@ def main() -> None:
             f"`repeat run`: the directory that first run left.\n\n{table}\n\n{phases}\n\n"
             f"Training metrics of every step (timings left out) equal between the trees: "
             f"{'yes' if not differences else 'NO: ' + '; '.join(differences[:5])}.\n\n"
-            f"Target: actors ready <= {TARGET_S:.0f} s on every run of this tree: {verdict(worst <= TARGET_S)} "
-            f"(slowest {worst:.1f} s).\n")
+            f"Target: actors ready <= {TARGET_S:.0f} s on every run of this tree: "
+            f"{verdict(worst <= TARGET_S)} (slowest {worst:.1f} s).\n")
     publish("startup", "time to first step, debug config", body, append=not args.no_append)
 
 
