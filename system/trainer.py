@@ -85,8 +85,10 @@ class Trainer:
 
         The learners start first: theirs is the longest path (imports, process group, model load,
         DeepSpeed engine), and the first actors get the worker processes Ray started with the
-        cluster. The rollout and reference workers load their models in the meantime, so the
-        driver waits for them only if they are still loading once the learners are built."""
+        cluster (on 2 CPU cores start-up is CPU-bound and the order made no measurable difference:
+        tests/benchmarks/startup.py). The rollout and reference workers load their models in the
+        meantime, so the driver waits for them only if they are still loading once the learners
+        are built."""
         c = self.cfg
         phase = self.startup = Phases()
         env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false"}
