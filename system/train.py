@@ -170,15 +170,15 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts) -> int:
 
     from system.resources import ResourceError, check_cluster_resources
     from system.rewards.pool import RewardPool
-    from system.trainer import Trainer
-
-    from system.trainer import quiet_third_party
+    from system.trainer import Phases, Trainer, quiet_third_party
 
     for key, value in quiet_third_party(cfg).items():  # the driver imports DeepSpeed too (actor classes)
         os.environ.setdefault(key, value)
     t0 = time.perf_counter()
+    setup = Phases()  # start-up, printed on one line once the actors are ready
     embedded = ray.is_initialized()  # the caller's cluster (tests, notebooks): left connected
-    init_ray(cfg)
+    with setup("ray.init"):
+        init_ray(cfg)
     try:
         check_cluster_resources(cfg, ray.cluster_resources())
     except ResourceError as err:
@@ -193,7 +193,10 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts) -> int:
         try:
             trainer.start_actors()
             run.begin(to_yaml(cfg))
-            print(f"[setup] actors ready in {time.perf_counter() - t0:.1f}s; resolved config in "
+            total = time.perf_counter() - t0
+            setup.seconds.update(trainer.startup.seconds)
+            setup.seconds["the rest"] = total - sum(setup.seconds.values())  # the logger, the run dir
+            print(f"[setup] actors ready in {total:.1f}s ({setup.line()}); resolved config in "
                   f"{run.path}/config.yaml", flush=True)
             logger = MetricsLogger(run.path, cfg.logging.tensorboard,
                                    cfg.logging.wandb_project if cfg.logging.wandb else None,

@@ -54,7 +54,7 @@ def quiet_third_party(cfg) -> dict:
 
 
 class Phases:
-    """Seconds per phase of one step."""
+    """Seconds per phase of one step (or of start-up), in the order the phases first ran."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -64,6 +64,10 @@ class Phases:
         start = time.perf_counter()
         yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def line(self) -> str:
+        """e.g. `ray.init 6.1s, learner build 3.0s`."""
+        return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.seconds.items())
 
 
 PENDING = "pending_sample.pt"  # a checkpoint's rollout_ahead samples, drawn but not yet learned from
@@ -88,35 +92,50 @@ class Trainer:
 
     # ---- actors -----------------------------------------------------------------------------
     def start_actors(self) -> None:
+        """Start every actor and wire them up; self.startup holds the driver's seconds per phase
+        (they follow one another, so they add up to the time this takes).
+
+        The learners start first: theirs is the longest path (imports, process group, model load,
+        DeepSpeed engine), and the first actors get the worker processes Ray started with the
+        cluster (on 2 CPU cores start-up is CPU-bound and the order made no measurable difference:
+        tests/benchmarks/startup.py). The rollout and reference workers load their models in the
+        meantime, so the driver waits for them only if they are still loading once the learners
+        are built."""
         c = self.cfg
+        phase = self.startup = Phases()
         # no progress bars from the workers (loading and saving weights): their output would
         # interleave with the step lines, and arrive after the summary
         env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_DISABLE_PROGRESS_BARS": "1", **quiet_third_party(c)}
         threads = c.ray.torch_threads
-        self.rollout = ActorGroup(
-            "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
-            c.rollout.num_gpus, self._rollout_args, env, max_restarts=c.faults.max_actor_restarts,
-            resources=c.rollout.resources)
-        self.reference = ActorGroup(  # empty with reference.source=adapters_off: the learners do it
-            "reference", "workers.reference:ReferenceWorker",
-            0 if c.reference.source == "adapters_off" else c.reference.num_workers,
-            c.reference.num_cpus, c.reference.num_gpus,
-            lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
-                       {"micro_batch": c.reference.micro_batch}), env,
-            max_restarts=c.faults.max_actor_restarts, resources=c.reference.resources)
         n = c.learner.num_ranks
-        self.learners = ActorGroup(
-            "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
-            lambda r: ((r, n, self.model_path, self._learner_cfg()), {}), env,
-            resources=c.learner.resources)
-        self.learners.init_collective()
-        try:
-            self.learners.call("build")
-        except ConfigError as err:  # a model the learner refuses: Ray re-raises it as a subclass
-            raise ConfigError(str(getattr(err, "cause", err))) from None
-        self._init_weight_sync()
-        self.faults.record_pids()
+        with phase("create actors"):
+            self.learners = ActorGroup(
+                "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
+                lambda r: ((r, n, self.model_path, self._learner_cfg()), {}), env,
+                resources=c.learner.resources)
+            self.rollout = ActorGroup(
+                "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
+                c.rollout.num_gpus, self._rollout_args, env, max_restarts=c.faults.max_actor_restarts,
+                resources=c.rollout.resources)
+            self.reference = ActorGroup(  # empty with reference.source=adapters_off: the learners do it
+                "reference", "workers.reference:ReferenceWorker",
+                0 if c.reference.source == "adapters_off" else c.reference.num_workers,
+                c.reference.num_cpus, c.reference.num_gpus,
+                lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
+                           {"micro_batch": c.reference.micro_batch}), env,
+                max_restarts=c.faults.max_actor_restarts, resources=c.reference.resources)
+        with phase("learner processes + imports + process group"):
+            self.learners.init_collective()
+        with phase("learner build"):
+            try:
+                self.learners.call("build")
+            except ConfigError as err:  # a model the learner refuses: Ray re-raises it as a subclass
+                raise ConfigError(str(getattr(err, "cause", err))) from None
+        with phase("rollout/reference still loading"):
+            self.faults.record_pids()
+        with phase("sync group"):
+            self._init_weight_sync()
         print(f"[placement] {placement_line(self.rollout, self.reference, self.learners)}", flush=True)
 
     def stop_actors(self) -> None:

@@ -150,6 +150,8 @@ class LearnerWorker:
                           RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
                           LOCAL_RANK="0" if self.device.type == "cpu" else str(self.device.index))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
+        if backend == "gloo":
+            _skip_shm_op()
         store = self._store if self.rank == 0 else dist.TCPStore(
             master_addr, master_port, self.world_size, False, timeout=DS_GROUP_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
@@ -473,6 +475,23 @@ def _save_merged(weights: dict, path: str, model_path: str, dtype: str) -> None:
                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(path)
+
+
+def _skip_shm_op() -> None:
+    """Keep DeepSpeed's shared-memory all-reduce op, which this learner never uses, off the start
+    path on CPU.
+
+    DeepSpeed's torch backend loads it on every CPU rank (deepspeed/comm/torch.py:
+    TorchBackend.__init__ calls build_shm_op, which calls `builder.load()`), JIT-compiling it with
+    ninja into TORCH_EXTENSIONS_DIR the first time in each installation (about 60 s on 2 cores).
+    Only `inference_all_reduce` uses it (DeepSpeed's tensor-parallel layers,
+    module_inject/layers.py), and without it that falls back to torch.distributed.all_reduce;
+    ZeRO's collectives are torch.distributed's (gloo here). build_shm_op returns None for an op
+    that `deepspeed.ops.__compatible_ops__` marks False.
+    """
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def _all_ranks(ok, device: torch.device) -> bool:

@@ -1,0 +1,204 @@
+"""Time to first step: the debug config's `[setup] actors ready` time, this tree against a baseline
+revision, side by side in one run.
+
+    python tests/benchmarks/startup.py [--baseline REV] [--repeats N] [--steps S] [--no-append]
+
+Each repeat runs, for the baseline tree (`git archive REV`, by default the commit before the
+start-up work) and for this tree, in alternating order:
+1. "first run after install": `python -m system.train --config configs/debug.yaml` (trainer.steps=S,
+   eval off, a local Ray cluster) with TORCH_EXTENSIONS_DIR pointing at a new, empty directory,
+   as on a machine where nothing was ever compiled for this installation;
+2. "repeat run": the same command again with the directory the first run left behind.
+It reads the `[setup] actors ready in ...` line of each run (and this tree's phases, printed on the
+same line); the CPU seconds of all the run's processes (Ray's included, sampled), from the launch
+to that line (the driver's imports included, which the line's clock leaves out) and to the end,
+which what else runs on the machine moves far less than the times; the wall time of the run;
+whether it compiled anything into TORCH_EXTENSIONS_DIR; and the load average before it. It checks
+that both trees trained the same: every metric of every step but timings equal (the runs share
+seed, model and data). Both trees use the same debug model, built once with a short warm start
+(its weights do not change the start-up; MODEL below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, markdown_table, median, publish, verdict  # noqa: E402
+
+BASELINE = "a05e573"  # the commit before the start-up work (issue 24, part 1)
+TARGET_S = 15.0
+MODEL = ["model.debug_settings={warm_start: {steps: 30}}",
+         f"model.debug_cache={ROOT / '.cache' / 'debug_model'}"]
+TIMING_KEYS = re.compile(r"^(time|time_.*|step_s|tokens_per_s|reward_time_s)$")
+READY = re.compile(r"\[setup\] actors ready in ([\d.]+)s(?: \((.*)\))?")
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The tree of `rev` (tracked files) under `into`."""
+    into.mkdir(parents=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+    return into
+
+
+class ProcessTreeCPU:
+    """CPU seconds of a process and all its descendants (Ray's processes and workers, a compiler),
+    from samples every 0.2 s: each process counts as last seen. Own times only: a parent's
+    children_* times would count again the descendants already sampled."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.root, self.seen = psutil.Process(pid), {}
+
+    def sample(self) -> None:
+        import psutil
+
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                self.seen[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+
+    def total(self) -> float:
+        return sum(self.seen.values())
+
+
+def run(tree: Path, ext_dir: Path, out_dir: Path, name: str, steps: int) -> dict:
+    """One training run of the debug config from `tree`; its start-up line, wall time and records."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(tree), TORCH_EXTENSIONS_DIR=str(ext_dir),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    cmd = [sys.executable, "-m", "system.train", "--config", "configs/debug.yaml", *MODEL,
+           f"trainer.steps={steps}", "eval.size=0", "trainer.progress_bar=false",
+           f"output_dir={out_dir}", f"run_name={name}", "ray.address=local", "ray.log_to_driver=false"]
+    built = lambda: set(ext_dir.rglob("*.so")) if ext_dir.exists() else set()  # noqa: E731
+    before = built()
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    lines: list[str] = []
+    errors: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    threading.Thread(target=lambda: errors.extend(proc.stderr), daemon=True).start()
+    cpu, cpu_ready = ProcessTreeCPU(proc.pid), None
+    while proc.poll() is None:
+        cpu.sample()
+        if cpu_ready is None and any(READY.search(line) for line in list(lines)):
+            cpu_ready = cpu.total()
+        time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    reader.join()
+    stdout = "".join(lines)
+    cpu_ready = cpu.total() if cpu_ready is None else cpu_ready  # the run ended within a sample
+    match = READY.search(stdout)
+    if proc.returncode != 0 or not match:
+        raise SystemExit(f"run failed (rc={proc.returncode}) in {tree}: {' '.join(cmd)}\n"
+                         f"{stdout[-3000:]}\n{''.join(errors)[-3000:]}")
+    phases = {}
+    for part in (match.group(2) or "").split(", "):
+        if part:
+            key, _, value = part.rpartition(" ")
+            phases[key] = float(value.rstrip("s"))
+    with open(out_dir / name / "metrics.jsonl") as f:
+        train = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    compiled = bool(built() - before)  # this run compiled an op (a first run leaves it for the next)
+    print(f"  {name}: actors ready {float(match.group(1)):.1f}s (CPU {cpu_ready:.1f}s), wall "
+          f"{wall:.1f}s (CPU {cpu.total():.1f}s), load {load:.2f}, compiled {compiled}", flush=True)
+    return {"ready": float(match.group(1)), "phases": phases, "wall": wall, "cpu": cpu.total(),
+            "cpu_ready": cpu_ready, "load": load, "compiled": compiled, "train": train}
+
+
+def metrics_differ(a: list[dict], b: list[dict]) -> list[str]:
+    """Keys of the train records that are not equal between two runs (timings left out)."""
+    bad = []
+    for ra, rb in zip(a, b, strict=True):
+        for key in sorted(set(ra) | set(rb)):
+            if TIMING_KEYS.match(key):
+                continue
+            va, vb = ra.get(key), rb.get(key)
+            same = (va == vb or (isinstance(va, float) and isinstance(vb, float)
+                                 and math.isclose(va, vb, rel_tol=1e-9, abs_tol=1e-12)))
+            if not same:
+                bad.append(f"step {ra['step']} {key}: {va} vs {vb}")
+    return bad
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--baseline", default=BASELINE, help="git revision of today's start-up path")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2, help="training steps per run (metrics compared)")
+    p.add_argument("--no-append", action="store_true", help="print only, do not write docs/benchmarks.md")
+    args = p.parse_args()
+
+    results: dict = {}
+    differences = []
+    with tempfile.TemporaryDirectory(prefix="startup-bench-") as tmp:  # trees, outputs, extensions
+        work = Path(tmp)
+        trees = {"baseline": checkout(args.baseline, work / "baseline"), "this tree": ROOT}
+        results.update({(v, c): [] for v in trees for c in ("first", "repeat")})
+        for i in range(args.repeats):
+            order = list(trees) if i % 2 == 0 else list(trees)[::-1]
+            print(f"repeat {i + 1}/{args.repeats}: {' then '.join(order)}", flush=True)
+            runs = {}
+            for version in order:
+                # new and empty: as after install
+                ext_dir = work / f"ext-{i}-{version.replace(' ', '_')}"
+                for case in ("first", "repeat"):
+                    name = f"{version.replace(' ', '_')}-{i}-{case}"
+                    runs[version, case] = run(trees[version], ext_dir, work / "out", name, args.steps)
+                    results[version, case].append(runs[version, case])
+            differences += metrics_differ(runs["baseline", "first"]["train"],
+                                          runs["this tree", "first"]["train"])
+
+    rows = []
+    for (version, case), rs in results.items():
+        ready = [r["ready"] for r in rs]
+        rows.append([version, "first run after install" if case == "first" else "repeat run",
+                     f"{median(ready):.1f}", f"{min(ready):.1f}-{max(ready):.1f}",
+                     f"{median(r['cpu_ready'] for r in rs):.1f}",
+                     f"{median(r['wall'] for r in rs):.1f}", f"{median(r['cpu'] for r in rs):.1f}",
+                     "yes" if any(r["compiled"] for r in rs) else "no",
+                     ", ".join(f"{r['load']:.1f}" for r in rs)])
+    table = markdown_table(["tree", "case", "actors ready s (median)", "min-max",
+                            "CPU s to actors ready (median)", "run wall s (median)", "run CPU s (median)",
+                            "run compiled an op", "load average before each run"], rows)
+    phase_names = list(results["this tree", "first"][0]["phases"])
+    phase_rows = [[name] + [f"{median(r['phases'].get(name, math.nan) for r in results['this tree', c]):.1f}"
+                            for c in ("first", "repeat")] for name in phase_names]
+    phases = markdown_table(["phase (this tree, driver's view)", "first run s (median)",
+                             "repeat run s (median)"], phase_rows)
+    worst = max(r["ready"] for c in ("first", "repeat") for r in results["this tree", c])
+    body = (f"Baseline: `{args.baseline}` (`git archive`), against this tree; {args.repeats} repeats, "
+            f"order alternating; each run {args.steps} training steps of configs/debug.yaml with eval "
+            f"off, a local Ray cluster, and the debug model built with a 30-step warm start (shared "
+            f"by both trees). `first run after install`: TORCH_EXTENSIONS_DIR new and empty; "
+            f"`repeat run`: the directory that first run left.\n\n{table}\n\n{phases}\n\n"
+            f"Training metrics of every step (timings left out) equal between the trees: "
+            f"{'yes' if not differences else 'NO: ' + '; '.join(differences[:5])}.\n\n"
+            f"Target: actors ready <= {TARGET_S:.0f} s on every run of this tree: "
+            f"{verdict(worst <= TARGET_S)} (slowest {worst:.1f} s).\n")
+    publish("startup", "time to first step, debug config", body, append=not args.no_append)
+
+
+if __name__ == "__main__":
+    main()
