@@ -146,28 +146,36 @@ def check_update_against_naive(worker, policy, old: torch.Tensor, ref_all: torch
     return stats
 
 
-@pytest.mark.parametrize("correction", ["tis", "mis"])
-def test_decoupled_objective_matches_naive_float64(correction):
-    """algo.pi_old=proximal: the ratio divides by the learner's own log-probs at the start of the
-    update, and the policy-gradient term is weighted by the corrected pi_prox / pi_sampler, where
-    pi_sampler is an older policy (a sample drawn k versions ago)."""
+def proximal_learner(kl_mode: str, **cfg):
+    """A learner on a sample drawn by an older policy (the sampler), prepared with
+    algo.pi_old=proximal and `cfg`: (worker, policy, mask, sampler_lp, prox_lp, ref_all, prepare's
+    output); the log-probs [M] (ref_all [M, V]) from the naive formulas."""
     ref = tiny_qwen2(False)
     sampler = copy.deepcopy(ref)
     drift(sampler, 0.05, seed=2)
     policy = copy.deepcopy(sampler)
     drift(policy, 0.3, seed=4)  # k updates later: far enough that some weights are corrected
-    worker, ref_rows = learner(policy, ref, "hidden", "full")
-    worker.cfg.update(pi_old="proximal", rollout_correction=correction, tis_cap=1.5,
-                      mis_bounds=[0.6, 1.5], mis_level="token")
+    worker, ref_rows = learner(policy, ref, "hidden", kl_mode)
+    worker.cfg.update(pi_old="proximal", tis_cap=1.5, mis_bounds=[0.6, 1.5], mis_level="token", **cfg)
     s = shard()
     mask = s["loss_mask"].bool()
     tokens = s["input_ids"][:, 1:][mask]  # [M]
-    pick = lambda all_: all_.gather(1, tokens[:, None]).squeeze(1)  # noqa: E731
     with torch.no_grad():
-        sampler_lp, prox_lp = (pick(naive_logprobs(m, s)) for m in (sampler, policy))
+        sampler_lp, prox_lp = (naive_logprobs(m, s).gather(1, tokens[:, None]).squeeze(1)
+                               for m in (sampler, policy))
         ref_all = naive_logprobs(ref, s)  # [M, V]
     behavior = torch.zeros(mask.shape, dtype=F64).masked_scatter(mask, sampler_lp)
     prep = worker.prepare(dict(s, behavior_logp=behavior), ref_rows)
+    return worker, policy, mask, sampler_lp, prox_lp, ref_all, prep
+
+
+@pytest.mark.parametrize("correction", ["tis", "mis"])
+def test_decoupled_objective_matches_naive_float64(correction):
+    """algo.pi_old=proximal: the ratio divides by the learner's own log-probs at the start of the
+    update, and the policy-gradient term is weighted by the corrected pi_prox / pi_sampler, where
+    pi_sampler is an older policy (a sample drawn k versions ago)."""
+    worker, policy, mask, sampler_lp, prox_lp, ref_all, prep = proximal_learner(
+        "full", rollout_correction=correction)
     torch.testing.assert_close(worker.shard["old_logp"][mask], prox_lp, rtol=0, atol=1e-12)
     rho = torch.exp(prox_lp - sampler_lp)
     w = rho.clamp(max=1.5) if correction == "tis" else ((rho >= 0.6) & (rho <= 1.5)).to(F64)
@@ -307,23 +315,11 @@ def test_full_seq_one_rank_equals_two_ranks(weighting):
 def test_full_seq_with_the_decoupled_objective_matches_formula_float64(weighting):
     """algo.pi_old=proximal with tis on a sample drawn by an older policy: `token` takes the ratio
     over pi_prox times the pg term's corrected weight; `prefix` takes its ratios over the sampler."""
-    ref = tiny_qwen2(False)
-    sampler = copy.deepcopy(ref)
-    drift(sampler, 0.05, seed=2)
-    policy = copy.deepcopy(sampler)
-    drift(policy, 0.3, seed=4)
-    worker, ref_rows = learner(policy, ref, "hidden", "full_seq")
-    worker.cfg.update(pi_old="proximal", rollout_correction="tis", tis_cap=1.5, mis_bounds=[0.6, 1.5],
-                      mis_level="token", kl_seq_weight=weighting)
+    worker, policy, mask, sampler_lp, prox_lp, ref_all, _ = proximal_learner(
+        "full_seq", rollout_correction="tis", kl_seq_weight=weighting)
     s = shard()
-    mask = s["loss_mask"].bool()
     tokens = s["input_ids"][:, 1:][mask]  # [M]
     pick = lambda all_: all_.gather(1, tokens[:, None]).squeeze(1)  # noqa: E731
-    with torch.no_grad():
-        sampler_lp, prox_lp = (pick(naive_logprobs(m, s)) for m in (sampler, policy))
-        ref_all = naive_logprobs(ref, s)
-    behavior = torch.zeros(mask.shape, dtype=F64).masked_scatter(mask, sampler_lp)
-    worker.prepare(dict(s, behavior_logp=behavior), ref_rows)
     w = torch.exp(prox_lp - sampler_lp).clamp(max=1.5)
     drift(policy, 0.05, seed=3)  # pi_theta != pi_prox within the update
     b = seq_baseline()
