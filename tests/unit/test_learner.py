@@ -13,7 +13,8 @@ import torch
 pytest.importorskip("deepspeed")
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from workers.learner import LearnerWorker, PolicyWithHead  # noqa: E402
+from workers.learner import LearnerWorker  # noqa: E402
+from workers.policy import PolicyWithHead  # noqa: E402
 
 F64 = torch.float64
 T = 0.7
