@@ -116,6 +116,7 @@ class RolloutWorker:
         self.device = setup_process(torch_threads, seed)
         self.version = 0
         self.corrupt_sync = dict(corrupt_sync or {})
+        self._die_mid_sync = False  # a testing aid: die_during_next_sync()
         if backend == "hf":
             self.backend = HFBackend(model_path, dtype, self.device)
         elif backend == "vllm":
@@ -141,7 +142,7 @@ class RolloutWorker:
 
     def receive_weights(self, buckets: list[Bucket], version: int) -> list[float]:
         """Receive one broadcast of the policy, load it, and return the checksum of what loaded."""
-        if getattr(self, "_die_mid_sync", False):
+        if self._die_mid_sync:
             self.backend.receive_weights(buckets[:1], False)
             os.kill(os.getpid(), signal.SIGKILL)  # the other buckets are then on the wire
         corrupt = self.corrupt_sync.get(version, 0) > 0

@@ -134,10 +134,10 @@ class SyncGroup:
     """A process group of its own between learner rank 0 (rank 0) and the rollout workers.
 
     store: rank 0's store from `listen` (the others connect to host:port). timeout_s bounds the
-    rendezvous and every broadcast, on gloo and on NCCL."""
+    rendezvous and every broadcast, on gloo and on NCCL (sync.timeout_s; no default here)."""
 
     def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str,
-                 timeout_s: float = 300.0, store: dist.TCPStore | None = None):
+                 timeout_s: float, store: dist.TCPStore | None = None):
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.timeout = datetime.timedelta(seconds=timeout_s)
         if store is None:

@@ -99,7 +99,7 @@ class Peer:
     def join(self, host: str, port: int, backend: str) -> bool:
         from workers.weight_sync import SyncGroup
 
-        self.sync = SyncGroup(host, port, self.rank, self.world, backend)
+        self.sync = SyncGroup(host, port, self.rank, self.world, backend, timeout_s=600)
         return True
 
     def alloc(self, shapes: list, dtype: str, bucket_mb: float) -> dict:
