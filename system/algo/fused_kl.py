@@ -26,7 +26,6 @@ import torch
 # Elements per [chunk, V] buffer. Forward holds three such fp32 buffers, backward two (384 MiB /
 # 256 MiB). Tuned with tests/benchmarks/kl_memory.py (1024 rows at V = 32768).
 CHUNK_ELEMENTS = 2**25
-DEFAULT_CHUNK_SIZE = None  # rows per chunk: auto_chunk_size(V)
 
 
 def auto_chunk_size(vocab: int) -> int:
@@ -42,8 +41,9 @@ def _rows(chunk_size: int | None, vocab: int) -> int:
     return int(chunk_size)
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def compute_dtype(*ts: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32: what the log-softmax and the KL run in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
 def _shift_exp_(z: torch.Tensor, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ class _FusedLogprobKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, ref_hidden, ref_weight, tokens, chunk_size, temperature):
         n, vocab = hidden.shape[0], weight.shape[0]
-        cdt = _compute_dtype(hidden)
+        cdt = compute_dtype(hidden)
         w = weight.detach().to(cdt)  # [V, H]
         rw = ref_weight.detach().to(cdt) if ref_weight is not None else None  # [V, H'] or logits given
         c_max = max(1, min(chunk_size, n))
@@ -186,7 +186,7 @@ def fused_logprob_kl(
     ref_hidden: torch.Tensor,
     ref_weight: torch.Tensor,
     tokens: torch.Tensor,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
@@ -246,7 +246,7 @@ def logprobs_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     tokens: torch.Tensor,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     *,
     temperature: float = 1.0,
 ) -> torch.Tensor:
@@ -257,7 +257,7 @@ def logprobs_from_hidden(
     """
     lead = hidden.shape[:-1]
     h2, tok = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1)
-    n, cdt = h2.shape[0], _compute_dtype(hidden)
+    n, cdt = h2.shape[0], compute_dtype(hidden)
     w = weight.detach().to(cdt)
     c_max = max(1, min(_rows(chunk_size, weight.shape[0]), n))
     z_buf = h2.new_empty(c_max, weight.shape[0], dtype=cdt)

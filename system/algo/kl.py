@@ -21,11 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from system.algo.fused_kl import (DEFAULT_CHUNK_SIZE, auto_chunk_size, fused_logprob_kl,
+from system.algo.fused_kl import (auto_chunk_size, compute_dtype, fused_logprob_kl,
                                   logprobs_from_hidden)
 
 __all__ = [
-    "DEFAULT_CHUNK_SIZE",
     "auto_chunk_size",
     "ESTIMATORS",
     "KL_MODES",
@@ -41,10 +40,6 @@ __all__ = [
 ]
 
 
-def _compute_dtype(*ts: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 def full_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Exact KL(pi_theta || pi_ref) = sum_v p (log p - log q) over the last dim, materialised.
 
@@ -52,7 +47,7 @@ def full_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperat
     ``fused_logprob_kl``. logits, ref_logits [..., V] -> [...] in fp32 (fp64 if either input is fp64).
     Differentiable through ``logits`` (and ``ref_logits``, if it requires grad).
     """
-    cdt = _compute_dtype(logits, ref_logits)
+    cdt = compute_dtype(logits, ref_logits)
     logp = torch.log_softmax(logits.to(cdt) / temperature, dim=-1)  # [..., V]
     logq = torch.log_softmax(ref_logits.to(cdt) / temperature, dim=-1)  # [..., V]
     return (logp.exp() * (logp - logq)).sum(dim=-1)
@@ -60,7 +55,7 @@ def full_kl_from_logits(logits: torch.Tensor, ref_logits: torch.Tensor, temperat
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(logits / temperature)[tokens]: logits [..., V], tokens [...] int64 -> [...] fp32/fp64."""
-    z = logits.to(_compute_dtype(logits)) / temperature  # [..., V]
+    z = logits.to(compute_dtype(logits)) / temperature  # [..., V]
     return z.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)
 
 
@@ -116,7 +111,6 @@ def sampled_kl(
 @dataclass(frozen=True)
 class KLMode:
     name: str
-    needs_full_ref: bool  # the learner needs pi_ref over the whole vocabulary at every response position
     estimator: str | None  # key of ESTIMATORS, None for the exact full-vocabulary KL
     in_loss: bool  # True: beta * KL is a loss term; False: folded into the reward (kl_in_reward)
     sequence: bool = False  # also the KL-to-go score term (kl_seq.seq_kl_term): gradient of the sequence KL
@@ -125,13 +119,13 @@ class KLMode:
 KL_MODES: dict[str, KLMode] = {
     m.name: m
     for m in (
-        KLMode("full", needs_full_ref=True, estimator=None, in_loss=True),
-        KLMode("full_seq", needs_full_ref=True, estimator=None, in_loss=True, sequence=True),
-        KLMode("k1", needs_full_ref=False, estimator="k1", in_loss=True),
-        KLMode("k2", needs_full_ref=False, estimator="k2", in_loss=True),
-        KLMode("k3", needs_full_ref=False, estimator="k3", in_loss=True),
-        KLMode("k3_is", needs_full_ref=False, estimator="k3_is", in_loss=True),
-        KLMode("reward", needs_full_ref=False, estimator="k1", in_loss=False),
+        KLMode("full", estimator=None, in_loss=True),
+        KLMode("full_seq", estimator=None, in_loss=True, sequence=True),
+        KLMode("k1", estimator="k1", in_loss=True),
+        KLMode("k2", estimator="k2", in_loss=True),
+        KLMode("k3", estimator="k3", in_loss=True),
+        KLMode("k3_is", estimator="k3_is", in_loss=True),
+        KLMode("reward", estimator="k1", in_loss=False),
     )
 }
 

@@ -247,8 +247,8 @@ def test_sampled_kl_errors():
 
 def test_registry_modes():
     assert set(KL_MODES) == {"full", "full_seq", "k1", "k2", "k3", "k3_is", "reward"}
-    assert get_kl_mode("full").needs_full_ref and get_kl_mode("full").estimator is None
-    assert get_kl_mode("full_seq").sequence and get_kl_mode("full_seq").needs_full_ref
+    assert get_kl_mode("full").estimator is None and get_kl_mode("full").in_loss
+    assert get_kl_mode("full_seq").sequence and get_kl_mode("full_seq").estimator is None
     assert not any(m.sequence for name, m in KL_MODES.items() if name != "full_seq")
     assert not get_kl_mode("reward").in_loss
     for name, mode in KL_MODES.items():
