@@ -35,7 +35,18 @@ class ModelConfig:
     dtype: str = "float32"  # parameter dtype for the learner: float32 | bfloat16
     trust_remote_code: bool = False  # passed to from_pretrained
     debug_cache: str = ".cache/debug_model"  # debug model build cache (made absolute; shared storage on clusters)
-    debug_settings: dict = field(default_factory=dict)  # overrides of system.debug_model.DEFAULT_SETTINGS
+    debug_settings: dict = field(default_factory=dict)  # overrides of system.debug_model.DEFAULT_SETTINGS (size, warm start)
+
+
+@dataclass
+class SyntheticTaskConfig:  # system/data/synthetic.make_task; the debug model warm-starts on the same task
+    seed: int = 0  # the task's problems and its train/held-out split
+    n_train: int = 3000  # training problems
+    n_eval: int = 400  # held-out problems (disjoint from the training ones)
+    n_terms: int = 3  # operands per problem (>= 2)
+    max_operand: int = 9  # operands are 0..max_operand
+    ops: str = "+-"  # operators drawn from (a subset of "+-*")
+    show_steps: bool = False  # the target shows the worked chain ("7+5-3=12-3=9"), not only the answer
 
 
 @dataclass
@@ -47,7 +58,8 @@ class DataConfig:
     answer_field: str = "answer"  # field holding the reference answer
     template: str = "plain"  # chat | plain | a format string containing {prompt}
     max_prompt_tokens: int = 512  # longer prompts are dropped and counted
-    seed: int = 0  # data order seed (the synthetic task's splits come from model.debug_settings)
+    seed: int = 0  # data order seed
+    synthetic: SyntheticTaskConfig = field(default_factory=SyntheticTaskConfig)  # data.source=synthetic
 
 
 @dataclass
@@ -73,7 +85,6 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature
     top_p: float = 1.0  # nucleus sampling
     max_new_tokens: int = 16  # response length limit
-    return_logprobs: bool = False  # also return the sampler's own log-probs
     num_gpus: float = 0.0  # GPUs per rollout actor
     num_cpus: float = 1.0  # CPUs per rollout actor
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
@@ -263,35 +274,65 @@ def _load_yaml(path: str):
     return loaded
 
 
-def _from_dotlist(overrides: list):
-    """key=value overrides, each value parsed as YAML; ConfigError naming the one that is not."""
+def _from_dotlist(overrides: list) -> list:
+    """key=value overrides as (key, layer) pairs, each value parsed as YAML; ConfigError naming
+    the one that is not."""
     import yaml
 
     layers = []
     for item in overrides:
+        key, value = item.split("=", 1)
         try:
-            layers.append(OmegaConf.from_dotlist([item]))
+            layers.append((key, OmegaConf.from_dotlist([item])))
         except yaml.YAMLError as err:
-            raise ConfigError(f"{item.split('=', 1)[0]}: {item.split('=', 1)[1][:40]!r} is not a YAML "
-                              f"value ({getattr(err, 'problem', None) or type(err).__name__})") from None
-    return OmegaConf.merge(*layers) if layers else OmegaConf.create()
+            raise ConfigError(f"{key}: {value[:40]!r} is not a YAML value "
+                              f"({getattr(err, 'problem', None) or type(err).__name__})") from None
+    return layers
+
+
+def _merge(layers: list):
+    """The (name, layer) pairs merged in order; a layer whose value does not fit the schema's
+    type (a list where a mapping goes) is a ConfigError naming it."""
+    merged = layers[0][1]
+    for name, layer in layers[1:]:
+        _moved_key(layer)
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{name}: {_one_line(err)}") from None
+    return merged
+
+
+# Keys that are gone: a config or override that still sets one gets one line saying where it went.
+MOVED_KEYS = {
+    "model.debug_settings.task": "the synthetic task's settings moved to data.synthetic "
+                                 "(e.g. data.synthetic.show_steps=true)",
+    "rollout.return_logprobs": "removed: the sampler's log-probs are kept whenever algo.pi_old, "
+                               "algo.rollout_correction or trainer.rollout_ahead need them",
+}
+
+
+def _moved_key(layer) -> None:
+    for key, where in MOVED_KEYS.items():
+        if OmegaConf.select(layer, key, default=None) is not None:
+            raise ConfigError(f"{key}: {where}")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
     """Merge schema defaults <- YAML file <- dotlist overrides, then validate()."""
     schema = OmegaConf.structured(Config)
     try:
-        layers = [schema]
+        layers = [("schema", schema)]
         if path:
             if not os.path.isfile(path):
                 raise ConfigError(f"config file not found: {path}")
-            layers.append(_load_yaml(path))
+            layers.append((f"config file {path}", _load_yaml(path)))
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise ConfigError(f"override {bad[0]!r} is not key=value")
-            layers.append(_from_dotlist(overrides))
-        merged = OmegaConf.merge(*layers)
+            layers += _from_dotlist(overrides)
+        merged = _merge(layers)
         # reward functions are a list of RewardSpec: type-check each entry against the schema
         specs = []
         for i, spec in enumerate(merged.reward.functions):
@@ -398,6 +439,8 @@ def validate(cfg: Config) -> None:
                f"needs a token sum over a constant (token-mean or seq-mean-token-sum-norm)")
     _validate_off_policy(cfg)
 
+    _validate_synthetic(cfg.data.synthetic)
+
     t = cfg.trainer
     _check(t.steps >= 1, "trainer.steps", "must be >= 1")
     _check(t.prompts_per_step >= 1, "trainer.prompts_per_step", "must be >= 1")
@@ -443,6 +486,15 @@ def _validate_numbers(cfg, prefix: str = "") -> None:
     if not prefix:
         _check(cfg.trainer.resume in ("none", "auto") or os.path.isdir(cfg.trainer.resume),
                "trainer.resume", f"{cfg.trainer.resume!r} must be none, auto or a checkpoint directory")
+
+
+def _validate_synthetic(task: SyntheticTaskConfig) -> None:
+    _check(task.n_train >= 1, "data.synthetic.n_train", "must be >= 1")
+    _check(task.n_eval >= 0, "data.synthetic.n_eval", "must be >= 0")
+    _check(task.n_terms >= 2, "data.synthetic.n_terms", "must be >= 2")
+    _check(task.max_operand >= 1, "data.synthetic.max_operand", "must be >= 1")
+    _check(bool(task.ops) and not set(task.ops) - set("+-*"), "data.synthetic.ops",
+           f"{task.ops!r} must be a non-empty string of the operators + - *")
 
 
 def _validate_lora(cfg: Config) -> None:
@@ -563,6 +615,7 @@ _FILE_KEYS = ("train_path", "eval_path", "prompt_field", "answer_field", "templa
 IGNORED_KEYS = [
     *[(f"data.{k}", lambda c: c.data.source == "synthetic", "data.source=synthetic",
        "the run trains on the synthetic task; data.source=file reads files") for k in _FILE_KEYS],
+    ("data.synthetic", lambda c: c.data.source == "file", "data.source=file", "the run trains on the files"),
     *[(f"model.{k}", lambda c: c.model.path != "debug", "model.path other than debug",
        "only model.path=debug builds the debug model") for k in ("debug_cache", "debug_settings")],
     *[(f"reward.{k}", lambda c: c.reward.num_workers == 0, "reward.num_workers=0",

@@ -1,9 +1,10 @@
 """The local debug mode's tiny model: built, warm-started and cached by the project itself.
 
-No model hub is needed. `ensure_debug_model(cache_root, settings)` returns a real Hugging Face
-model directory (config.json, model.safetensors, generation_config.json, tokenizer.json,
+No model hub is needed. `ensure_debug_model(cache_root, settings, task)` returns a real Hugging
+Face model directory (config.json, model.safetensors, generation_config.json, tokenizer.json,
 tokenizer_config.json) holding a starting policy for the synthetic arithmetic task
-(system/data/synthetic.py). Its steps:
+(system/data/synthetic.py; `task` is its make_task arguments, the config's data.synthetic, so that
+the warm start and the RL run share their train/held-out split). Its steps:
 
 1. build_tokenizer: a character-level tokenizer over the task's characters, with "<pad>" and
    "<|endoftext|>" (EOS) tokens, saved as a fast tokenizer that AutoTokenizer loads.
@@ -11,7 +12,7 @@ tokenizer_config.json) holding a starting policy for the synthetic arithmetic ta
    float32), shaped so that vLLM can load it on a GPU too.
 3. warm_start: a short supervised run on the task's train split (loss on solution + EOS tokens),
    stopped early on purpose so the policy is only partly right and GRPO has room to improve it.
-4. The finished directory is cached under cache_root/<hash of settings and this code>; a second call
+4. The finished directory is cached under cache_root/<hash of settings, task and this code>; a second call
    with the same settings returns it at once. Builds go to a temporary directory that is renamed
    into place, so an interrupted build is never reused.
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -54,10 +56,7 @@ PAD_ID, EOS_ID = 0, 1
 VOCAB_SIZE = 8 * math.ceil(len(TOKENS) / 8)
 
 DEFAULT_SETTINGS = {
-    "seed": 0,
-    # make_task arguments: the RL run must use the same ones, so its splits match the warm start's.
-    "task": {"n_train": 3000, "n_eval": 400, "n_terms": 3, "max_operand": 9, "ops": "+-",
-             "show_steps": False},
+    "seed": 0,  # the model's random weights and the warm start's batch order
     "model": {
         "hidden_size": 128,
         "intermediate_size": 512,
@@ -251,6 +250,8 @@ def resolve_settings(settings: dict | None) -> dict:
     """DEFAULT_SETTINGS with the given sections overlaid; unknown keys are an error."""
     merged = copy.deepcopy(DEFAULT_SETTINGS)
     for key, value in (settings or {}).items():
+        if key == "task":
+            raise KeyError("debug model settings: the synthetic task's settings are data.synthetic")
         if key not in merged:
             raise KeyError(f"debug model settings: unknown key {key!r}")
         if isinstance(merged[key], dict):
@@ -271,9 +272,20 @@ def _cache_key(settings: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def ensure_debug_model(cache_root: str | os.PathLike, settings: dict | None = None) -> str:
-    """Path of the warm-started debug model for these settings, building it if it is not cached."""
-    settings = resolve_settings(settings)
+def resolve_task(task: dict | None) -> dict:
+    """make_task's arguments: its defaults with `task` overlaid (unknown keys are an error)."""
+    defaults = {k: p.default for k, p in inspect.signature(synthetic.make_task).parameters.items()}
+    unknown = set(task or {}) - set(defaults)
+    if unknown:
+        raise KeyError(f"synthetic task: unknown key(s) {sorted(unknown)}")
+    return {**defaults, **(task or {})}
+
+
+def ensure_debug_model(cache_root: str | os.PathLike, settings: dict | None = None,
+                       task: dict | None = None) -> str:
+    """Path of the warm-started debug model for these settings and this task (make_task's
+    arguments, the config's data.synthetic), building it if it is not cached."""
+    settings = {**resolve_settings(settings), "task": resolve_task(task)}
     final = Path(cache_root) / f"debug-model-{_cache_key(settings)}"
     if (final / "debug_model.json").exists():
         print(f"[debug_model] cached: {final}")
@@ -282,7 +294,7 @@ def ensure_debug_model(cache_root: str | os.PathLike, settings: dict | None = No
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_root))
     try:
         t0 = time.perf_counter()
-        train, heldout = synthetic.make_task(settings["seed"], **settings["task"])
+        train, heldout = synthetic.make_task(**settings["task"])
         tokenizer = build_tokenizer(tmp)
         build_model(tmp, seed=settings["seed"], **settings["model"])
         print(f"[debug_model] built tokenizer + tiny Qwen2 in {time.perf_counter() - t0:.1f}s")

@@ -61,7 +61,8 @@ def resolve_model(cfg) -> str:
     if cfg.model.path == "debug":
         from system.debug_model import ensure_debug_model
 
-        return ensure_debug_model(cfg.model.debug_cache, cfg.model.debug_settings)
+        return ensure_debug_model(cfg.model.debug_cache, cfg.model.debug_settings,
+                                  dataclasses.asdict(cfg.data.synthetic))
     if not os.path.isfile(os.path.join(cfg.model.path, "config.json")):
         raise ConfigError(f"model.path: {cfg.model.path!r} is not a model directory (no config.json)")
     return cfg.model.path

@@ -240,9 +240,8 @@ class Trainer:
         rows = self.sampler.next(c.trainer.prompts_per_step)
         # a sample drawn ahead (by an older policy), or the proximal objective's weight: keep the
         # sampler's own log-probs
-        want = c.rollout.return_logprobs or uses_sampler_logprobs(c)
         launched = self.launch_generate([r["prompt_ids"] for r in rows], c.rollout.group_size,
-                                        seed=c.seed * 7919 + step, want_logprobs=want)
+                                        seed=c.seed * 7919 + step, want_logprobs=uses_sampler_logprobs(c))
         return InFlight(step, launched[1], rows, sampler_state, launched,
                         self.launch_reference(rows, launched))
 
@@ -472,10 +471,8 @@ class Trainer:
         return state["step"], state["start_eval"]
 
     def _restore_pending(self, path: str) -> None:
-        """The checkpoint's in-flight samples, as if they had just been collected from the workers
-        (a checkpoint from before bounded staleness holds one sample, not a list)."""
+        """The checkpoint's in-flight samples, as if they had just been collected from the workers."""
         saved = torch.load(path, weights_only=False)
-        saved = saved if isinstance(saved, list) else [saved]
         want = self.cfg.trainer.prompts_per_step * self.cfg.rollout.group_size
         sizes = [sum(len(o["responses"]) for o in s["outputs"]) for s in saved]
         if any(n != want for n in sizes):

@@ -8,6 +8,7 @@ rows with their line numbers; `warnings` lists what the summary cannot measure (
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -37,10 +38,8 @@ def _load(cfg, tokenizer) -> PromptSets:
     stats: dict = {}
     if cfg.data.source == "synthetic":
         from system.data import synthetic
-        from system.debug_model import resolve_settings
 
-        settings = resolve_settings(cfg.model.debug_settings)
-        train, heldout = synthetic.make_task(settings["seed"], **settings["task"])
+        train, heldout = synthetic.make_task(**dataclasses.asdict(cfg.data.synthetic))
         template = "plain"
     else:
         from system.data.datasets import filter_long, load_prompts

@@ -86,9 +86,9 @@ def _example(operands: tuple[int, ...], operators: tuple[str, ...], show_steps: 
 
 
 def make_task(
-    seed: int,
-    n_train: int,
-    n_eval: int,
+    seed: int = 0,
+    n_train: int = 3000,
+    n_eval: int = 400,
     n_terms: int = 3,
     max_operand: int = 9,
     ops: str = "+-",
@@ -99,6 +99,8 @@ def make_task(
     Difficulty: `n_terms` operands (>= 2) in 0..`max_operand`, operators from `ops` (subset of "+-*");
     the solution is the bare answer, or with show_steps the worked chain (see the module docstring).
     Raises ValueError when more distinct prompts are asked for than the difficulty allows.
+    The defaults are the debug run's task (data.synthetic in system/config.py, whose defaults a
+    test holds equal to these).
     """
     if n_terms < 2 or max_operand < 1 or not ops or set(ops) - set("+-*"):
         raise ValueError(f"bad difficulty: n_terms={n_terms} max_operand={max_operand} ops={ops!r}")

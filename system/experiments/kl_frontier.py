@@ -1,7 +1,7 @@
 """The accuracy / KL frontier of each KL mode on the debug task, with responses long enough for the
 KL-to-go to matter, and a gradient diagnostic on one fixed batch.
 
-Setting. The debug task with the worked chain (model.debug_settings.task.show_steps=true) and four
+Setting. The debug task with the worked chain (data.synthetic.show_steps=true) and four
 terms (n_terms=4): a response is the chain "12-3+2=9+2=11" + EOS, ~12 tokens, where today's debug
 responses (bare answers, three terms) are ~2.6, too short for anything to follow a token. The
 debug model is warm-started on that task (its own cache entry); rollout.max_new_tokens=20.
@@ -60,7 +60,7 @@ MODES = ("full_seq", "full", "k3", "reward")
 COEFS = (0.05, 0.2, 0.8)
 KS = (0, 4)
 SEEDS = (0, 1, 2)
-TASK = ["model.debug_settings.task.show_steps=true", "model.debug_settings.task.n_terms=4",
+TASK = ["data.synthetic.show_steps=true", "data.synthetic.n_terms=4",
         "rollout.max_new_tokens=20"]
 
 

@@ -24,6 +24,7 @@ models produce (random weights alone give near-uniform logits).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 
 import torch
@@ -49,13 +50,13 @@ def debug_model_hidden() -> tuple[torch.Tensor, torch.Tensor]:
 
     from system.config import load_config
     from system.data.synthetic import make_task
-    from system.debug_model import encode_examples, ensure_debug_model, resolve_settings
+    from system.debug_model import encode_examples, ensure_debug_model
 
     cfg = load_config(str(ROOT / "configs" / "debug.yaml"), [f"model.debug_cache={ROOT / '.cache/debug_model'}"])
-    path = ensure_debug_model(cfg.model.debug_cache, cfg.model.debug_settings)
+    task = dataclasses.asdict(cfg.data.synthetic)
+    path = ensure_debug_model(cfg.model.debug_cache, cfg.model.debug_settings, task)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    settings = resolve_settings(cfg.model.debug_settings)
-    _, heldout = make_task(settings["seed"], **settings["task"])
+    _, heldout = make_task(**task)
     ids, labels = encode_examples(heldout[:256])  # prompt + solution + EOS; labels -100 elsewhere
     with torch.no_grad():
         hidden = model.base_model(input_ids=ids).last_hidden_state[:, :-1][labels[:, 1:] != -100]

@@ -22,6 +22,7 @@ Run from the repository root (about 3-5 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
 import time
@@ -125,7 +126,8 @@ def main() -> int:
 
     cfg = load_config(str(ROOT / "configs" / "debug.yaml"), args.overrides)
     samples_per_step = cfg.trainer.prompts_per_step * cfg.rollout.group_size
-    ensure_debug_model(str(ROOT / cfg.model.debug_cache), cfg.model.debug_settings)  # outside the timing
+    ensure_debug_model(str(ROOT / cfg.model.debug_cache), cfg.model.debug_settings,
+                       dataclasses.asdict(cfg.data.synthetic))  # outside the timing
     t0 = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory(prefix="end_to_end_") as tmp:

@@ -42,6 +42,7 @@ Run from the repository root (about 5-8 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -72,6 +73,7 @@ def debug_settings() -> dict:
         "aggregation": cfg.algo.aggregation, "scale_by_std": cfg.algo.scale_by_std,
         "warmup_steps": cfg.learner.warmup_steps, "seed": cfg.seed,
         "debug_cache": str(ROOT / cfg.model.debug_cache), "debug_settings": dict(cfg.model.debug_settings),
+        "task": dataclasses.asdict(cfg.data.synthetic),
         "ranks": cfg.learner.num_ranks, "zero_stage": cfg.learner.zero_stage,
     }
 
@@ -99,14 +101,13 @@ def trl_child(args) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from system.data.synthetic import exact_reward, make_task
-    from system.debug_model import ensure_debug_model, resolve_settings
+    from system.debug_model import ensure_debug_model
 
     s = debug_settings()
     # the model the project's run of this round trained (others may edit the code that is hashed
     # into the debug model's cache key while this benchmark runs)
-    path = args.model_path or ensure_debug_model(s["debug_cache"], s["debug_settings"])
-    task = resolve_settings(s["debug_settings"])
-    train, _ = make_task(task["seed"], **task["task"])
+    path = args.model_path or ensure_debug_model(s["debug_cache"], s["debug_settings"], s["task"])
+    train, _ = make_task(**s["task"])
     dataset = Dataset.from_list([{"prompt": ex["prompt"], "answer": ex["answer"]} for ex in train])
 
     def exact(completions, answer, **_):
@@ -302,7 +303,7 @@ def main() -> int:
     s = debug_settings()
     from system.debug_model import ensure_debug_model
 
-    ensure_debug_model(s["debug_cache"], s["debug_settings"])  # build it (if needed) outside the timing
+    ensure_debug_model(s["debug_cache"], s["debug_settings"], s["task"])  # build it (if needed) outside the timing
     configs = [("this project" + (f" ({' '.join(v)})" if v else ""), "project", v)
                for v in [[], *[v.split() for v in args.variant]]]
     configs += [(f"TRL GRPOTrainer, {t} torch thread(s)", "trl", t) for t in args.trl_threads]

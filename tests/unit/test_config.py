@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from system.config import ConfigError, load_config, to_yaml
+from system.config import ConfigError, ignored_keys, load_config, to_yaml
 
 DEBUG = "configs/debug.yaml"
 
@@ -32,6 +32,7 @@ def test_overrides_apply_and_resolved_config_round_trips(tmp_path):
     ("reward.functions=[{nme: math}]", "reward.functions[0]", "nme"),
     ("data.source=file", "data.train_path", "required"),
     ("bogus", "bogus", "key=value"),
+    ("rollout.resources=[1,2]", "rollout.resources", "incompatible"),  # a list where a mapping goes
 ])
 def test_bad_values_name_the_key(override, key, reason):
     if key is None:
@@ -116,7 +117,7 @@ def test_lora_settings_are_checked(overrides, key, reason):
 
 
 def test_lora_sync_mode_and_ignored_keys():
-    from system.config import ignored_keys, lora_sync_mode
+    from system.config import lora_sync_mode
 
     lora = ["learner.lora.rank=8"]
     assert load_config(DEBUG).reference.source == "worker"
@@ -254,3 +255,39 @@ def test_full_seq_keys_ignored_by_other_modes():
         ["algo.kl.prefix_cap"]
     assert [w.split(":")[0] for w in ignored_keys(load_config(DEBUG, [
         "algo.kl.mode=full_seq", "algo.kl.prefix_cap=5"]))] == ["algo.kl.prefix_cap"]
+
+
+@pytest.mark.parametrize("layer, key, where", [
+    ("model.debug_settings.task.show_steps=true", "model.debug_settings.task", "data.synthetic"),
+    ("rollout.return_logprobs=true", "rollout.return_logprobs", "algo.pi_old"),
+    ("model:\n  path: debug\n  debug_settings:\n    task: {n_terms: 4}\n", "model.debug_settings.task",
+     "data.synthetic"),
+])
+def test_moved_keys_name_where_they_went(layer, key, where, tmp_path):
+    if "\n" in layer:  # a YAML file of an older release
+        path = tmp_path / "old.yaml"
+        path.write_text(layer)
+        args = (str(path), [])
+    else:
+        args = (DEBUG, [layer])
+    with pytest.raises(ConfigError, match=rf"^{key}: .*{where}"):
+        load_config(*args)
+
+
+@pytest.mark.parametrize("override, reason", [
+    ("data.synthetic.n_terms=1", "must be >= 2"),
+    ("data.synthetic.ops=+/", "operators"),
+    ("data.synthetic.n_train=0", "must be >= 1"),
+    ("data.synthetic.max_operand=0", "must be >= 1"),
+])
+def test_synthetic_task_settings_are_checked(override, reason):
+    with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}: .*{reason}"):
+        load_config(DEBUG, [override])
+
+
+def test_the_synthetic_task_is_data_synthetic():
+    cfg = load_config(DEBUG, ["data.synthetic.show_steps=true", "data.synthetic.n_terms=4"])
+    assert (cfg.data.synthetic.show_steps, cfg.data.synthetic.n_terms) == (True, 4)
+    warned = ignored_keys(load_config(DEBUG, ["data.synthetic.n_terms=4", "data.source=file",
+                                              "data.train_path=configs/data/arith_train.jsonl"]))
+    assert [w.split(":")[0] for w in warned] == ["data.synthetic"]

@@ -1,5 +1,6 @@
 """The debug model: a real HF model directory that loads, round-trips the task's text, generates, caches."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -108,21 +109,36 @@ def test_warm_start_stops_at_the_target_accuracy(tmp_path):
 
 
 def test_ensure_debug_model_builds_once_then_returns_the_cache(tmp_path, capsys):
-    settings = {"task": {"n_train": 100, "n_eval": 20}, "model": TINY,
-                "warm_start": {"steps": 2, "batch_size": 8, "stop_at_accuracy": None}}
-    first = debug_model.ensure_debug_model(tmp_path, settings)
+    settings = {"model": TINY, "warm_start": {"steps": 2, "batch_size": 8, "stop_at_accuracy": None}}
+    task = {"n_train": 100, "n_eval": 20}
+    first = debug_model.ensure_debug_model(tmp_path, settings, task)
     assert "warm start" in capsys.readouterr().out
-    second = debug_model.ensure_debug_model(tmp_path, settings)
+    second = debug_model.ensure_debug_model(tmp_path, settings, task)
     assert second == first and "cached" in capsys.readouterr().out
     assert [p for p in os.listdir(tmp_path) if p.startswith(".building")] == []
     assert AutoModelForCausalLM.from_pretrained(first).config.hidden_size == 64
     assert "rope_theta" in json.loads((Path(first) / "config.json").read_text())  # kept after warm start
     record = json.loads((Path(first) / "debug_model.json").read_text())
     assert record["warm_start"]["steps"] == 2 and record["settings"]["model"] == TINY | {"max_position_embeddings": 128}
-    other = debug_model.ensure_debug_model(tmp_path, {**settings, "seed": 1})
+    assert record["settings"]["task"] == debug_model.resolve_task(task)
+    other = debug_model.ensure_debug_model(tmp_path, {**settings, "seed": 1}, task)
     assert other != first
+    other_task = debug_model.ensure_debug_model(tmp_path, settings, {**task, "show_steps": True})
+    assert other_task not in (first, other)  # the warm start learns another task: its own entry
 
 
 def test_unknown_setting_is_an_error(tmp_path):
     with pytest.raises(KeyError, match="hiden_size"):
         debug_model.ensure_debug_model(tmp_path, {"model": {"hiden_size": 64}})
+    with pytest.raises(KeyError, match="n_term"):
+        debug_model.ensure_debug_model(tmp_path, {}, {"n_term": 4})
+    with pytest.raises(KeyError, match="data.synthetic"):
+        debug_model.ensure_debug_model(tmp_path, {"task": {"n_terms": 4}})
+
+
+def test_the_synthetic_task_config_defaults_are_make_tasks():
+    """data.synthetic's defaults (system/config.py) are make_task's: the debug model built
+    without a config (tests, benchmarks) and the debug run's task are the same task."""
+    from system.config import SyntheticTaskConfig
+
+    assert dataclasses.asdict(SyntheticTaskConfig()) == debug_model.resolve_task(None)

@@ -76,7 +76,6 @@ def _saved(step, version):
 @pytest.mark.parametrize("saved,ahead,kept", [
     ([_saved(3, 0), _saved(4, 1)], 2, [(3, 0), (4, 1)]),  # every in-flight sample, in order
     ([_saved(3, 0), _saved(4, 1)], 1, [(3, 0)]),  # a smaller k: the rest is drawn again
-    (_saved(3, 1), 1, [(3, 1)]),  # a checkpoint from before bounded staleness: one sample, no list
 ])
 def test_restore_in_flight_samples(tmp_path, monkeypatch, saved, ahead, kept):
     import torch
