@@ -16,6 +16,7 @@ later), so sampling and the reference forward run during the learners' update; a
 which policy the ratio divides by (system/algo/off_policy.py).
 Steps, syncs and evaluations go through system/faults.py, which recovers from a rollout/reference
 worker restart (the step is redone) and stops the run clearly on what cannot be survived.
+The design, with the reasons: docs/design.md (section 3 for this loop).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ Steps of one sync (driven by one RPC per participant, see system/trainer.py):
    packed (unpacked) while the other one is on the wire.
 3. Both sides compute `checksum` over the named tensors (the receiver over what it loaded), and the
    driver compares them, so weights that silently did not load are caught.
+docs/design.md (section 4) has the whole sync, with the reasons.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The learner never materialises [N, V] logits. ``fused_logprob_kl`` takes the pol
 states and output head plus the reference model's hidden states and (frozen) output head, and walks
 over the N tokens in chunks of ``chunk_size`` rows. Per chunk it forms both [chunk, V] logit blocks and
 from them the sampled token's log-prob, the per-row KL(pi_theta || pi_ref) and the policy entropy. Backward recomputes the same blocks chunk by chunk (custom autograd), so forward and backward
-each hold O(chunk_size x V) floats, never O(N x V). DESIGN.md section 2 explains why.
+each hold O(chunk_size x V) floats, never O(N x V). docs/design.md (section 2) says why.
 
 Numerics: all softmax/KL math and all matmul accumulation are fp32 (fp64 when the inputs are fp64,
 so ``torch.autograd.gradcheck`` works). Low-precision inputs (bf16/fp16) are upcast: the hidden chunk

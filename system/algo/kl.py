@@ -1,7 +1,7 @@
 """KL(pi_theta || pi_ref): the exact full-vocabulary KL, the per-token sampled estimators, and the
 registry that picks a KL mode by name.
 
-Modes (``KL_MODES``, see DESIGN.md section 1):
+Modes (``KL_MODES``; docs/design.md section 1 says why `full` is the default):
     full    exact sum over the vocabulary at every response position (default; needs the reference
             distribution at every position: hidden states + frozen head, or logits)
     full_seq  full plus the score-function term with the analytic KL-to-go: the gradient of the KL

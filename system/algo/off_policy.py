@@ -1,4 +1,5 @@
-"""Off-policy samples: which policy is pi_old, and the correction for the sampler/learner mismatch.
+"""Off-policy samples: which policy is pi_old, and the correction for the sampler/learner mismatch
+(docs/design.md section 5 places it in the whole).
 
 Three policies meet in an update on a sample drawn k versions ago:
 
