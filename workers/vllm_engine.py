@@ -36,7 +36,7 @@ import os
 
 import torch
 
-from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, off_by_one, unpack
+from workers.weight_sync import Bucket, Digest, SyncGroup, TensorMeta, off_by_one, unpack
 
 
 def buckets_to_plain(buckets: list[Bucket]) -> list[list]:
@@ -73,19 +73,8 @@ def _quiet_rotary_notice() -> None:
         logger.addFilter(RotaryCacheNotice())
 
 
-class _Digest:
-    """Checksum parts added up as they are taken: [sum, sum of squares]."""
-
-    def __init__(self):
-        self.value = [0.0, 0.0]
-
-    def add(self, named) -> None:
-        part = checksum(named)
-        self.value = [self.value[0] + part[0], self.value[1] + part[1]]
-
-
 @contextlib.contextmanager
-def _checksum_before_processing(model: torch.nn.Module, digest: _Digest):
+def _checksum_before_processing(model: torch.nn.Module, digest: Digest):
     """While active, every layer's post-load processing first adds the checksum of the layer's
     own parameters (as vLLM's weight loaders wrote them) to `digest`. Yields (covered, processed):
     the layers with post-load processing (their parameters are not read again afterwards) and
@@ -139,7 +128,7 @@ class SyncExtension:
 
         received = self._sync.receive(buckets, into=fresh)
         _quiet_rotary_notice()
-        digest = _Digest()
+        digest = Digest()
         with _checksum_before_processing(model, digest) as (covered, processed):
             self.reload_weights(weights_iterator=off_by_one(received) if corrupt else received,
                                 is_checkpoint_format=True)

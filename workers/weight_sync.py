@@ -91,6 +91,18 @@ def checksum(named: Iterable[tuple[str, torch.Tensor]]) -> list[float]:
     return [0.0, 0.0] if acc is None else acc.cpu().tolist()
 
 
+class Digest:
+    """A checksum added up part by part as tensors arrive or are sent (no copy of the weights
+    kept): `value` equals checksum() over all the parts."""
+
+    def __init__(self):
+        self.value = [0.0, 0.0]
+
+    def add(self, named: Iterable[tuple[str, torch.Tensor]]) -> None:
+        part = checksum(named)
+        self.value = [self.value[0] + part[0], self.value[1] + part[1]]
+
+
 def contiguous_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
     """A 1-D view over the tensors when they lie adjacent, in order, in one storage; else None."""
     first = tensors[0]

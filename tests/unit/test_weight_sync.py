@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from workers.weight_sync import (SyncGroup, TensorMeta, checksum, contiguous_span,
+from workers.weight_sync import (Digest, SyncGroup, TensorMeta, checksum, contiguous_span,
                                  flatten_parameters, plan_buckets)
 
 
@@ -127,6 +127,11 @@ def test_checksum_matches_naive_float64_and_is_split_invariant():
     split = [("a0", tensors[0][1][:123_457]), ("a1", tensors[0][1][123_457:]), tensors[1]]
     assert abs(checksum(split)[1] - got[1]) <= 1e-12 * got[1]
     assert checksum([]) == [0.0, 0.0]
+    digest = Digest()  # added up as buckets arrive: the same as one checksum over everything
+    for part in split:
+        digest.add([part])
+    assert abs(digest.value[0] - got[0]) <= 1e-9 * max(1.0, abs(naive[1]))
+    assert abs(digest.value[1] - got[1]) <= 1e-12 * got[1]
 
 
 def _bind(port: int) -> bool:
