@@ -350,6 +350,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
             cfg.model.debug_cache = os.path.abspath(cfg.model.debug_cache)
         if cfg.sync.backend == "auto":
             cfg.sync.backend = "nccl" if _own_gpus(cfg.learner) and _own_gpus(cfg.rollout) else "gloo"
+        if cfg.sync.lora == "auto" and cfg.learner.lora.rank > 0:  # the hf backend merges adapters itself
+            cfg.sync.lora = "adapters" if cfg.rollout.backend == "hf" else "merged"
+        if cfg.rollout.enforce_eager is None:  # CUDA graphs on GPU; the CPU build runs eager only
+            cfg.rollout.enforce_eager = cfg.rollout.num_gpus == 0
     except ConfigError:
         raise
     except OmegaConfBaseException as err:
@@ -518,12 +522,8 @@ def _validate_lora(cfg: Config) -> None:
 
 
 def lora_sync_mode(cfg: Config) -> str:
-    """What a sync sends: full (no LoRA), merged or adapters (sync.lora=auto resolved)."""
-    if cfg.learner.lora.rank == 0:
-        return "full"
-    if cfg.sync.lora != "auto":
-        return cfg.sync.lora
-    return "adapters" if cfg.rollout.backend == "hf" else "merged"
+    """What a sync sends: full (no LoRA), merged or adapters (sync.lora, made concrete at load)."""
+    return "full" if cfg.learner.lora.rank == 0 else cfg.sync.lora
 
 
 def uses_sampler_logprobs(cfg: Config) -> bool:

@@ -26,7 +26,6 @@ system/train.py prints.
 
 from __future__ import annotations
 
-import os
 import time
 
 import ray
@@ -81,8 +80,17 @@ def probe(actors: list, timeout_s: float) -> list[tuple[str, object]]:
 
 
 class FaultHandler:
-    def __init__(self, trainer):
-        self.t, self.cfg = trainer, trainer.cfg.faults
+    """Recovery for one run. It talks to the actors (system/actors.py: their groups, process ids,
+    sync group and sync) and to the loop through a narrow interface, `loop`:
+        loop.version                 policy version (= updates done)
+        loop.data_position()         where the prompt data stands, before any sample in flight
+        loop.rewind(position)        forget the samples in flight, data back to `position`
+        loop.save_now()              a checkpoint of the learners' state now (path, or None)
+        loop.run_dir                 where the checkpoints are
+    """
+
+    def __init__(self, actors, cfg, loop):
+        self.actors, self.cfg, self.loop = actors, cfg, loop
         self.pids: dict[str, list] = {}
         self.learner_nodes: list[str] = []  # "node <id> (<address>)" of each learner rank
         self.restarts = 0  # in this submission: the limit applies to these
@@ -98,28 +106,27 @@ class FaultHandler:
         self.nonfinite_total = state.get("nonfinite_skipped", 0)
 
     def record_pids(self) -> None:
-        t = self.t
-        self.pids = {"rollout": t.rollout.call("pid"), "reference": t.reference.call("pid")}
+        self.pids = self.actors.pids()
         # where each learner rank runs, read now: once its node is gone, Ray no longer says
         address = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        self.learner_nodes = [f"node {str(n)[:6]} ({address.get(n, '?')})" for n in t.learners.nodes()]
+        self.learner_nodes = [f"node {str(n)[:6]} ({address.get(n, '?')})"
+                              for n in self.actors.learners.nodes()]
 
     # ---- the guarded calls ------------------------------------------------------------------
-    def run_step(self, step: int) -> dict:
+    def run_step(self, step: int, train_step) -> dict:
         """train_step(step), retried from the same prompts after a rollout/reference restart."""
-        t = self.t
+        loop = self.loop
         while True:
-            start, version = t.inflight.data_position(t.sampler.state_dict()), t.version
+            start, version = loop.data_position(), loop.version
             try:
-                metrics = t.train_step(step)
+                metrics = train_step(step)
                 break
             except RunStopped:
                 raise
             except Exception as err:  # noqa: BLE001 - recover() re-raises what it cannot handle
-                if t.version != version:  # it escaped sync(), after the update: never learn twice
+                if loop.version != version:  # it escaped sync(), after the update: never learn twice
                     raise
-                t.inflight.clear()  # this step's sample too, taken out already
-                t.sampler.load_state_dict(start)
+                loop.rewind(start)  # this step's sample too, taken out already
                 self.recover(err, f"step {step}")
         self._count_nonfinite(step, metrics)
         return {**metrics, "actor_restarts": self.restarts_total,
@@ -136,11 +143,11 @@ class FaultHandler:
                 self.recover(err, what)
 
     def sync(self) -> None:
-        """Trainer.sync_weights, with a restart recovered and a checksum mismatch retried once."""
+        """Actors.sync, with a restart recovered and a checksum mismatch retried once."""
         mismatches = 0
         while True:
             try:
-                return self.t.sync_weights()
+                return self.actors.sync(self.loop.version)
             except ChecksumMismatch as err:
                 mismatches += 1
                 if mismatches > 1:
@@ -149,7 +156,7 @@ class FaultHandler:
             except RunStopped:
                 raise
             except Exception as err:  # noqa: BLE001
-                self.recover(err, f"weight sync (policy version {self.t.version})", resync=False)
+                self.recover(err, f"weight sync (policy version {self.loop.version})", resync=False)
 
     # ---- what happened, and what to do about it ---------------------------------------------
     def recover(self, err: BaseException, what: str, resync: bool = True) -> None:
@@ -189,7 +196,7 @@ class FaultHandler:
         print(f"[faults] recovered in {time.perf_counter() - t0:.1f}s: {names} back", flush=True)
 
     def _check_learners(self) -> None:
-        states = probe(self.t.learners.actors, _LEARNER_PROBE_S)
+        states = probe(self.actors.learners.actors, _LEARNER_PROBE_S)
         for rank, (state, cause) in enumerate(states):
             if state == "dead":
                 where = self.learner_nodes[rank] if rank < len(self.learner_nodes) else "an unknown node"
@@ -199,7 +206,7 @@ class FaultHandler:
         """(group, rank) of every rollout/reference worker with a new process since last seen."""
         out = []
         for name in ("rollout", "reference"):
-            for rank, (state, info) in enumerate(probe(getattr(self.t, name).actors,
+            for rank, (state, info) in enumerate(probe(self.actors.groups()[name].actors,
                                                        self.cfg.restart_timeout_s)):
                 if state == "dead":
                     self.stop(f"{name} worker {rank} died and Ray did not restart it (at most "
@@ -216,14 +223,13 @@ class FaultHandler:
     def _rejoin_rollout(self, resync: bool) -> None:
         """A restarted process cannot rejoin the old gloo/NCCL group: every member builds a new
         one on a new port; then (resync) the current weights go out and the versions must match."""
-        t = self.t
-        t.drop_inflight()  # sampled, in part, by a process that is gone
-        t._init_weight_sync()
+        self.loop.rewind(self.loop.data_position())  # sampled, in part, by a process that is gone
+        self.actors.init_sync()
         if resync:
             self.sync()
-            versions = t.rollout.call("get_version")
-            if any(v != t.version for v in versions):
-                raise RuntimeError(f"after a restart, rollout versions {versions} != {t.version}")
+            versions = self.actors.rollout.call("get_version")
+            if any(v != self.loop.version for v in versions):
+                raise RuntimeError(f"after a restart, rollout versions {versions} != {self.loop.version}")
 
     def _count_nonfinite(self, step: int, metrics: dict) -> None:
         skipped = metrics.get("updates_skipped", 0)
@@ -252,24 +258,17 @@ class FaultHandler:
     # ---- stopping -----------------------------------------------------------------------------
     def stop(self, reason: str, save: bool) -> None:
         """Raise RunStopped; with save, first checkpoint the learners' state (nothing is lost)."""
-        t = self.t
         path = self._save() if save else None
-        latest = path or checkpoint.find_resumable(t.run_dir)
+        latest = path or checkpoint.find_resumable(self.loop.run_dir)
         where = (f"the latest checkpoint {latest}" if latest
                  else "the beginning (no checkpoint was saved yet)")
         raise RunStopped(f"{reason}. Resubmit the same command with trainer.resume=auto to "
                          f"continue from {where}")
 
     def _save(self) -> str | None:
-        """A checkpoint of the state the learners hold (step = policy version = updates done)."""
-        t = self.t
-        if t.version == 0 or getattr(t, "start_eval", None) is None:
-            return None
-        path = os.path.join(checkpoint.checkpoint_root(t.run_dir), checkpoint.step_name(t.version))
-        if os.path.isdir(path) and checkpoint.damage(path) is None:
-            return path
+        """A checkpoint of the state the learners hold, if one can be written."""
         try:
-            return t.save_checkpoint(t.version, t.start_eval)
+            return self.loop.save_now()
         except Exception as err:  # noqa: BLE001 - the stop's own message matters more
             print(f"[faults] could not save a checkpoint before stopping: {_cause(err)}", flush=True)
             return None

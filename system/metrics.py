@@ -184,3 +184,20 @@ def progress_bar(total: int, enabled: bool = True):
         out.finish()
         err.finish()
         bar.close()
+
+
+class Phases:
+    """Seconds per phase of one step (or of start-up), in the order the phases first ran."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def line(self) -> str:
+        """e.g. `ray.init 6.1s, learner build 3.0s`."""
+        return ", ".join(f"{name} {seconds:.1f}s" for name, seconds in self.seconds.items())

@@ -75,7 +75,9 @@ def continue_command(args) -> str:
                        "trainer.resume=auto"])
 
 
-def main(argv=None) -> int:
+def main(argv=None, pool=None) -> int:
+    """The command line; returns the exit code. pool: a system.actors.ActorPool whose actors
+    this run may reuse and leave for the next (a sequence of runs in one process)."""
     try:
         args = parse_args(argv)
     except SystemExit as done:  # --help (0) or a usage error (2, its line printed)
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
 
     run = inputs["run"]
     try:
-        return train(cfg, args, **inputs)
+        return train(cfg, args, **inputs, pool=pool)
     except ConfigError as err:  # found by an actor (a model the learner refuses), or the cluster
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -165,13 +167,15 @@ def check_inputs(cfg) -> dict | None:
     return {"run": run, "model_path": model_path, "tokenizer": tokenizer, "prompts": prompts}
 
 
-def train(cfg, args, run, model_path: str, tokenizer, prompts) -> int:
+def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int:
     import ray
     from omegaconf import OmegaConf
 
+    from system.actors import ActorPool, quiet_third_party
+    from system.metrics import Phases
     from system.resources import ResourceError, check_cluster_resources
     from system.rewards.pool import RewardPool
-    from system.trainer import Phases, Trainer, quiet_third_party
+    from system.trainer import Trainer
 
     for key, value in quiet_third_party(cfg).items():  # the driver imports DeepSpeed too (actor classes)
         os.environ.setdefault(key, value)
@@ -186,16 +190,16 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts) -> int:
         print(f"resource error: {err}", file=sys.stderr)
         return 2
     specs = [{"name": s.name, "weight": s.weight, "kwargs": dict(s.kwargs)} for s in cfg.reward.functions]
-    logger = None
+    logger, trainer, done = None, None, False
+    pool = pool or ActorPool(keep=False)  # without one, the actors end with the run
     with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s,
-                    memory_limit_mb=cfg.reward.memory_limit_mb) as pool:
-        trainer = Trainer(cfg, model_path, tokenizer, prompts, run.path)
-        trainer.rewards = pool
+                    memory_limit_mb=cfg.reward.memory_limit_mb) as rewards:
         try:
-            trainer.start_actors()
+            actors = pool.take(cfg, model_path)
+            trainer = Trainer(cfg, actors, tokenizer, prompts, run.path, rewards)
             run.begin(to_yaml(cfg))
             total = time.perf_counter() - t0
-            setup.seconds.update(trainer.startup.seconds)
+            setup.seconds.update(actors.startup.seconds)
             setup.seconds["the rest"] = total - sum(setup.seconds.values())  # the logger, the run dir
             print(f"[setup] actors ready in {total:.1f}s ({setup.line()}); resolved config in "
                   f"{run.path}/config.yaml", flush=True)
@@ -205,8 +209,9 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts) -> int:
             with progress_bar(cfg.trainer.steps, cfg.trainer.progress_bar) as bar:
                 result = trainer.fit(logger, bar)
             trainer.save_policy(os.path.join(run.path, "final"))
+            done = trainer.faults.restarts == 0  # a worker restarted: fresh actors for the next run
         finally:
-            trainer.stop_actors()
+            pool.give_back(done)
             if logger is not None:
                 logger.close()
     if not embedded and ray.is_initialized():  # no actor output may arrive after the summary

@@ -1,11 +1,28 @@
 """Session-wide fixtures: one local Ray cluster on 127.0.0.1, shared by every test that starts
-actors (tests/integration, tests/faults), so the cluster starts once per test session."""
+actors (tests/integration, tests/faults), so the cluster starts once per test session; and one
+pool of actors (system.actors.ActorPool) that runs with compatible configs reuse, so most of them
+skip the actors' start-up. The session ends by printing how many times the actors were started
+(every start-up appends a line to $GRPO_STARTUP_LOG, in subprocesses and job drivers too)."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
+
+_STARTUP_LOG = os.path.join(tempfile.mkdtemp(prefix="grpo-startups-"), "startups")
+
+
+def pytest_configure(config):
+    os.environ["GRPO_STARTUP_LOG"] = _STARTUP_LOG
+
+
+def pytest_terminal_summary(terminalreporter):
+    if os.path.exists(_STARTUP_LOG):
+        with open(_STARTUP_LOG) as f:
+            count = sum(1 for _ in f)
+        terminalreporter.write_line(f"pipeline start-ups in this session: {count}")
 
 
 @pytest.fixture(scope="session")
@@ -16,3 +33,14 @@ def ray_cluster():
              log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def actor_pool(ray_cluster):
+    """Actors kept between the session's runs: a run whose config allows it resets them instead
+    of starting its own (a run that ends in a failure or a restart leaves fresh ones to the next)."""
+    from system.actors import ActorPool
+
+    pool = ActorPool()
+    yield pool
+    pool.close()

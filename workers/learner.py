@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 
 import deepspeed
@@ -39,10 +40,10 @@ from system.algo.kl_seq import seq_kl_term, sequence_kl
 from system.algo.losses import grpo_loss
 from system.algo.off_policy import CorrectionSettings, rollout_correction
 from system.config import ConfigError
-from workers.common import load_causal_lm, output_head_problem, setup_process
+from workers.common import load_causal_lm, output_head_problem, seed_all, setup_process
 from workers.lora import adapter_view, apply_lora, full_view, merged_view
 from workers.policy import PolicyWithHead
-from workers.weight_sync import Bucket, SyncGroup, TensorMeta, checksum, listen, plan_buckets
+from workers.weight_sync import Bucket, Digest, SyncGroup, TensorMeta, listen, plan_buckets
 
 DS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)  # DeepSpeed's own default for its group
 
@@ -132,6 +133,17 @@ class LearnerWorker:
         self.views = self._sync_views()
         return {"params": sum(p.numel() for p in module.policy.parameters()),
                 "trainable": sum(p.numel() for p in trainable)}
+
+    def reset(self, cfg: dict) -> dict:
+        """Back to the state a fresh start gives, with these settings (the next run on the same
+        processes, system/actors.py): generators seeded as at start, the engine rebuilt from the
+        model (weights, optimizer, schedule), policy version 0. The process groups stay."""
+        self.cfg = cfg
+        self.engine = self.shard = self.views = None
+        gc.collect()
+        seed_all(cfg["seed"] + 1000 * self.rank)
+        self.version, self.grad_norm = 0, None
+        return self.build()
 
     @property
     def lora(self) -> bool:
@@ -355,13 +367,12 @@ class LearnerWorker:
         workers must then hold (with adapter-only sync, of the merged weights, not of what was
         sent: a receiver that did not merge is caught). All ranks must call."""
         sent, held = self.views["sent"], self.views["held"]
-        digest = [0.0, 0.0]  # checksum sums add up bucket by bucket: no copy of the weights kept
+        digest = Digest()
 
         def tensors(bucket: Bucket):
             ts = [sent[m.name].make() for m in bucket.tensors]
             if sent is held:
-                part = checksum(zip(bucket.tensors, ts))
-                digest[0], digest[1] = digest[0] + part[0], digest[1] + part[1]
+                digest.add(zip(bucket.tensors, ts))
             return ts
 
         with torch.no_grad():
@@ -373,8 +384,8 @@ class LearnerWorker:
             elif self.rank == 0:  # one call: packing overlaps the wire; ZeRO-1/2's flat buffer needs no packing
                 self.sync.send(buckets, tensors)
             if sent is not held:
-                digest = checksum((n, e.make()) for n, e in self._each_gathered(held))
-        return digest if self.rank == 0 else None
+                digest.add((n, e.make()) for n, e in self._each_gathered(held))
+        return digest.value if self.rank == 0 else None
 
     def weights(self) -> dict | None:
         """The policy as the rollout workers hold it (rank 0; None on the others)."""

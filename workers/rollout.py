@@ -20,7 +20,7 @@ import torch
 
 from workers.common import load_causal_lm, pad_batch, seed_all, setup_process
 from workers.lora import AdapterMerger, is_adapter
-from workers.weight_sync import Bucket, SyncGroup, checksum, flatten_parameters, off_by_one
+from workers.weight_sync import Bucket, Digest, SyncGroup, checksum, flatten_parameters, off_by_one
 
 
 class HFBackend:
@@ -93,7 +93,7 @@ class HFBackend:
         Summed tensor by tensor as they arrive, so it runs while the next bucket is on the wire.
         LoRA adapters (A and s * B) are merged into the kept base weights instead, and the checksum
         is then of all the weights this backend holds afterwards."""
-        digest, adapters = [0.0, 0.0], False
+        digest, adapters = Digest(), False
         for name, tensor in named_tensors:
             if is_adapter(name):
                 self._merger.add(name, tensor)
@@ -101,21 +101,18 @@ class HFBackend:
                 continue
             param = self._params[name].data
             param.copy_(tensor)  # a no-op where it was received in place
-            part = checksum([(name, param)])
-            digest[0], digest[1] = digest[0] + part[0], digest[1] + part[1]
-        return checksum(self._params.items()) if adapters else digest
+            digest.add([(name, param)])
+        return checksum(self._params.items()) if adapters else digest.value
 
 
 class RolloutWorker:
     """One rollout actor: owns a generation backend and the policy version it samples with."""
 
     def __init__(self, model_path: str, backend: str, dtype: str, torch_threads: int, seed: int,
-                 vllm_kwargs: dict | None = None, corrupt_sync: dict | None = None):
-        """corrupt_sync: {policy version: attempts}, a testing aid (faults.corrupt_sync_at): the
-        first `attempts` syncs of that version load one weight wrong, so checksums disagree."""
+                 vllm_kwargs: dict | None = None):
         self.device = setup_process(torch_threads, seed)
         self.version = 0
-        self.corrupt_sync = dict(corrupt_sync or {})
+        self.corrupt_sync: dict = {}  # a testing aid: corrupt_syncs()
         self._die_mid_sync = False  # a testing aid: die_during_next_sync()
         if backend == "hf":
             self.backend = HFBackend(model_path, dtype, self.device)
@@ -151,6 +148,11 @@ class RolloutWorker:
         digest = self.backend.receive_weights(buckets, corrupt)
         self.version = version
         return digest
+
+    def corrupt_syncs(self, attempts: dict) -> None:
+        """A testing aid (faults.corrupt_sync_at): {policy version: n}, the first n syncs of that
+        version load one weight wrong, so the checksums disagree. Replaces what was set before."""
+        self.corrupt_sync = dict(attempts)
 
     def pid(self) -> int:
         """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""

@@ -71,7 +71,7 @@ def overrides(mode, coef, k, seed, args) -> list[str]:
             "logging.tensorboard=false", f"seed={seed}", f"data.seed={seed}", *args.set]
 
 
-def run_one(mode, coef, k, seed, args) -> dict:
+def run_one(mode, coef, k, seed, args, pool=None) -> dict:
     from transformers import AutoTokenizer
 
     from system.config import load_config
@@ -83,7 +83,7 @@ def run_one(mode, coef, k, seed, args) -> dict:
     ov = [*overrides(mode, coef, k, seed, args), f"output_dir={args.out}", f"run_name={name}"]
     run_dir = Path(args.out) / name
     if not ((run_dir / "summary.json").exists() and args.reuse):
-        rc = main(["--config", "configs/debug.yaml", *ov])
+        rc = main(["--config", "configs/debug.yaml", *ov], pool=pool)
         if rc != 0:
             raise SystemExit(f"run {name} failed (rc={rc})")
     cfg = load_config("configs/debug.yaml", ov)
@@ -174,17 +174,20 @@ def frontier(args) -> int:
     torch.set_num_threads(1)
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
-    t0, results = time.perf_counter(), []
+    from system.actors import ActorPool
+
+    t0, results, pool = time.perf_counter(), [], ActorPool()  # one start-up for the whole grid
     try:
         for k in args.ks:  # every mode at one (k, seed) before the next: a grid cut short still compares
             for seed in args.seeds:
                 for coef in args.coefs:
                     for mode in args.modes:
-                        results.append(run_one(mode, coef, k, seed, args))
+                        results.append(run_one(mode, coef, k, seed, args, pool))
                         r = results[-1]
                         print(f"[kl_frontier] {r['name']}: acc {r['acc_start']:.3f} -> {r['acc']:.3f}, "
                               f"true KL_seq {r['true_kl_seq']:.4f}, len {r['response_len']:.1f}", flush=True)
     finally:
+        pool.close()
         ray.shutdown()
     wall = time.perf_counter() - t0
     table, _ = matched_table(results, args.target_acc)

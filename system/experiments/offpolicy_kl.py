@@ -111,7 +111,7 @@ def summarize(run_dir: Path) -> dict:
             "s_per_step": mean(train, "step_s"), "wall_s": summary["seconds"]}
 
 
-def run_one(run: dict, args) -> dict:
+def run_one(run: dict, args, pool=None) -> dict:
     from system.config import load_config
     from system.data.prompts import load_prompt_sets
     from system.train import main, resolve_model
@@ -119,7 +119,7 @@ def run_one(run: dict, args) -> dict:
     name = "_".join([f"{run['mode']}_k{run['k']}_mu{run['mu']}", *(o.split("=", 1)[1] for o in args.set)])
     ov = [*overrides(run, args), f"output_dir={args.out}", f"run_name={name}"]
     done = (Path(args.out) / name / "summary.json").exists() and args.reuse
-    rc = 0 if done else main(["--config", "configs/debug.yaml", *ov])
+    rc = 0 if done else main(["--config", "configs/debug.yaml", *ov], pool=pool)
     if rc != 0:
         raise SystemExit(f"run {name} failed (rc={rc})")
     cfg = load_config("configs/debug.yaml", ov)
@@ -195,12 +195,15 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # the driver's share of 2 cores; the actors have their own
     ray.init(num_cpus=max(os.cpu_count() or 1, 3), include_dashboard=False, log_to_driver=False,
              _node_ip_address="127.0.0.1")
-    t0, results = time.perf_counter(), []
+    from system.actors import ActorPool
+
+    t0, results, pool = time.perf_counter(), [], ActorPool()  # one start-up for the whole grid
     for run in grid(args.modes, args.ks, not args.no_mu2):
-        results.append(run_one(run, args))
+        results.append(run_one(run, args, pool))
         r = results[-1]
         print(f"[offpolicy_kl] {r['name']}: true KL {r['true_kl']:.4f}/token, gap {r['kl_gap']:+.5f}, "
               f"acc {r['acc_start']:.3f} -> {r['acc_end']:.3f}, {r['s_per_step']:.2f} s/step", flush=True)
+    pool.close()
     ray.shutdown()
     wall = time.perf_counter() - t0
     results.sort(key=lambda r: (MODES.index(r["mode"]) if r["mode"] in MODES else 9, r["mu"], r["k"]))

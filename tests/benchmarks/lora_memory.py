@@ -25,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import types
 
 from _common import ROOT, markdown_table, publish, save_qwen_shape
 
@@ -38,13 +37,13 @@ def measure(model_path: str, overrides: list[str], rows: int, prompt: int, respo
     import torch
 
     from system.config import load_config
-    from system.trainer import Trainer
+    from system.actors import learner_settings
     from workers.learner import LearnerWorker
 
     cfg = load_config(os.path.join(ROOT, "configs/debug.yaml"),
                       ["learner.num_ranks=1", "learner.minibatches=1", "rollout.group_size=2",
                        f"trainer.prompts_per_step={rows // 2}", *overrides])
-    c = Trainer._learner_cfg(types.SimpleNamespace(cfg=cfg))
+    c = learner_settings(cfg)
     worker = LearnerWorker(0, 1, model_path, c)
     worker.init_process_group(*worker.address())
     worker.build()

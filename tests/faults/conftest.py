@@ -32,13 +32,14 @@ class Run:
         return [r["step"] for r in self.records()]
 
 
-def run_main(capsys, tmp_path, name: str, *overrides: str) -> Run:
-    """python -m system.train --config configs/debug.yaml <test overrides> <overrides>, in process."""
+def run_main(capsys, tmp_path, name: str, *overrides: str, pool=None) -> Run:
+    """python -m system.train --config configs/debug.yaml <test overrides> <overrides>, in process
+    (on the actors of `pool` when its config allows)."""
     from system.train import main
 
     capsys.readouterr()
     rc = main(["--config", "configs/debug.yaml", *FAULT_OVERRIDES, f"output_dir={tmp_path}",
-               f"run_name={name}", *overrides])
+               f"run_name={name}", *overrides], pool=pool)
     captured = capsys.readouterr()
     return Run(rc, captured.out, captured.err, Path(tmp_path) / name)
 
@@ -77,6 +78,7 @@ def ray_kill(group: str, rank: int = 0):
 
 
 @pytest.fixture
-def faults_run(ray_cluster, capsys, tmp_path):
-    """run_main bound to this test's capsys and tmp_path: faults_run(name, *overrides)."""
-    return lambda name, *overrides: run_main(capsys, tmp_path, name, *overrides)
+def faults_run(actor_pool, capsys, tmp_path):
+    """run_main bound to this test's capsys and tmp_path and the session's actors:
+    faults_run(name, *overrides)."""
+    return lambda name, *overrides: run_main(capsys, tmp_path, name, *overrides, pool=actor_pool)

@@ -50,7 +50,7 @@ def test_sync_into_vllm_gives_learner_greedy_output(ray_cluster, tmp_path):
         trainer.learn(batch, rewards, trainer.reference_rows(batch))
         trainer.version += 1
         assert trainer.cfg.sync.backend == "gloo"  # roles share the GPU
-        trainer.sync_weights()  # raises on a checksum mismatch
+        trainer.actors.sync(trainer.version)  # raises on a checksum mismatch
         vllm_greedy = trainer.generate(batch_prompts, 1, seed=0, greedy=True, max_new_tokens=6)
         assert vllm_greedy == learner_greedy(trainer, batch_prompts, 6, device="cuda")
     finally:

@@ -17,30 +17,39 @@ TEST_OVERRIDES = ["model.debug_settings={warm_start: {steps: 30}}", "eval.size=1
                   "learner.minibatches=1"]
 
 
-def build_trainer(tmp_path, overrides=()):
-    """A started Trainer for configs/debug.yaml with the test overrides; call stop_trainer after."""
+def build_trainer(tmp_path, overrides=(), pool=None):
+    """A started Trainer for configs/debug.yaml with the test overrides, on the actors of `pool`
+    when its config allows (the session's `actor_pool`); call stop_trainer after."""
     from transformers import AutoTokenizer
 
     from system.config import load_config
     from system.data.prompts import load_prompt_sets
     from system.rewards.pool import RewardPool
     from system.train import resolve_model
+    from system.actors import Actors
     from system.trainer import Trainer
 
     cfg = load_config("configs/debug.yaml",
                       [*TEST_OVERRIDES, f"output_dir={tmp_path}", *overrides])
     model_path = resolve_model(cfg)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    trainer = Trainer(cfg, model_path, tokenizer, load_prompt_sets(cfg, tokenizer),
-                      str(tmp_path / cfg.run_name))
-    trainer.rewards = RewardPool([{"name": "exact"}], num_workers=0)
-    trainer.start_actors()
+    if pool is None:
+        actors = Actors(cfg, model_path)
+        actors.start()
+    else:
+        actors = pool.take(cfg, model_path)
+    trainer = Trainer(cfg, actors, tokenizer, load_prompt_sets(cfg, tokenizer),
+                      str(tmp_path / cfg.run_name), RewardPool([{"name": "exact"}], num_workers=0))
+    trainer.actors.sync(trainer.version)  # reused rollout workers hold the last run's weights
     return trainer
 
 
-def stop_trainer(trainer) -> None:
+def stop_trainer(trainer, pool=None) -> None:
     trainer.rewards.close()
-    trainer.stop_actors()
+    if pool is None:
+        trainer.actors.stop()
+    else:
+        pool.give_back(True)
 
 
 def session_processes(sid: int) -> list:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 
 import torch
 
@@ -36,14 +35,14 @@ def _naive_logprobs(model_path: str, weights: dict, shard: dict, temperature: fl
 
 def main(model_path: str, zero_stage: int) -> dict:
     from system.config import load_config
-    from system.trainer import Trainer
+    from system.actors import learner_settings
     from workers.learner import LearnerWorker
 
     cfg = load_config("configs/debug.yaml", [
         "learner.num_ranks=1", "learner.minibatches=2", "rollout.group_size=2",
         "trainer.prompts_per_step=2", f"learner.zero_stage={zero_stage}", "model.dtype=float32",
         "learner.gradient_checkpointing=true", "trainer.rollout_ahead=0", "rollout.temperature=0.7"])
-    c = Trainer._learner_cfg(types.SimpleNamespace(cfg=cfg))
+    c = learner_settings(cfg)
     worker = LearnerWorker(0, 1, model_path, c)
     worker.init_process_group(*worker.address())
     worker.build()

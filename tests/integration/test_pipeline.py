@@ -13,11 +13,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_step_run_end_to_end(ray_cluster, tmp_path, zero_stage):
+def test_two_step_run_end_to_end(actor_pool, tmp_path, zero_stage):
+    """ZeRO-3 runs on the actors ZeRO-2 left: the learners rebuild their engines (ActorPool)."""
     from system.train import main
 
     rc = main(["--config", "configs/debug.yaml", *TEST_OVERRIDES, "trainer.steps=2",
-               f"learner.zero_stage={zero_stage}", f"output_dir={tmp_path}", "run_name=e2e"])
+               f"learner.zero_stage={zero_stage}", f"output_dir={tmp_path}", "run_name=e2e"],
+              pool=actor_pool)
     assert rc == 0
     run = tmp_path / "e2e"
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -70,14 +72,14 @@ def _learner_weights(trainer) -> dict:
     return ray.get(trainer.learners.actors[0].weights.remote())
 
 
-def test_sync_makes_rollout_weights_equal_learner_bit_for_bit(ray_cluster, tmp_path):
-    trainer = build_trainer(tmp_path)
+def test_sync_makes_rollout_weights_equal_learner_bit_for_bit(actor_pool, tmp_path):
+    trainer = build_trainer(tmp_path, pool=actor_pool)
     try:
         batch, rewards = _one_batch(trainer)
         before = _learner_weights(trainer)
         trainer.learn(batch, rewards, trainer.reference_rows(batch))
         trainer.version += 1
-        trainer.sync_weights()
+        trainer.actors.sync(trainer.version)
         learner = _learner_weights(trainer)
         assert any(not torch.equal(before[k], learner[k]) for k in learner), "update changed nothing"
         for worker in trainer.rollout.call("weights"):
@@ -86,7 +88,7 @@ def test_sync_makes_rollout_weights_equal_learner_bit_for_bit(ray_cluster, tmp_p
                 assert torch.equal(worker[k], learner[k]), k
         assert trainer.rollout.call("get_version") == [1]
     finally:
-        stop_trainer(trainer)
+        stop_trainer(trainer, actor_pool)
 
 
 # The second epoch runs with pi_theta != pi_ref, so the KL and its gradient are not zero; two
@@ -98,16 +100,17 @@ UPDATE = ["learner.epochs=2", "learner.minibatches=2", "learner.optimizer=sgd", 
 
 
 @pytest.fixture(scope="module")
-def reference_update(ray_cluster, tmp_path_factory):
+def reference_update(actor_pool, tmp_path_factory):
     """Two learner ranks, hidden transport: one update on a fixed batch."""
-    trainer = build_trainer(tmp_path_factory.mktemp("ref"), UPDATE)
+    trainer = build_trainer(tmp_path_factory.mktemp("ref"), UPDATE, actor_pool)
     try:
         batch, rewards = _one_batch(trainer, logprobs=True)
         start = _learner_weights(trainer)
         metrics = trainer.learn(batch, rewards, trainer.reference_rows(batch))
-        yield batch, rewards, metrics, _learner_weights(trainer), start
+        weights = _learner_weights(trainer)
     finally:
-        stop_trainer(trainer)
+        stop_trainer(trainer, actor_pool)
+    yield batch, rewards, metrics, weights, start
 
 
 def _update_with(tmp_path, overrides, batch, rewards):

@@ -14,11 +14,11 @@ from tests.integration.conftest import TEST_OVERRIDES
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, name, *overrides, expect=0):
+def _run(tmp_path, pool, name, *overrides, expect=0):
     from system.train import main
 
     rc = main(["--config", "configs/debug.yaml", *TEST_OVERRIDES, f"output_dir={tmp_path}",
-               f"run_name={name}", "checkpoint.every=2", *overrides])
+               f"run_name={name}", "checkpoint.every=2", *overrides], pool=pool)
     assert rc == expect
     return tmp_path / name
 
@@ -35,17 +35,17 @@ LORA = ("learner.lora.rank=8", "learner.lr=1e-2", "learner.lora.save_merged=true
 
 
 def _kill_after_step_2_checkpoint(monkeypatch) -> None:
-    from system.trainer import Trainer
+    from system import resume
 
-    real_save = Trainer.save_checkpoint
+    real_save = resume.save
 
-    def killed(self, step, start_eval):
-        path = real_save(self, step, start_eval)
+    def killed(t, step):
+        path = real_save(t, step)
         if step == 2:
             raise KeyboardInterrupt("killed after the step-2 checkpoint")
         return path
 
-    monkeypatch.setattr(Trainer, "save_checkpoint", killed)
+    monkeypatch.setattr(resume, "save", killed)
 
 
 def _kill_before_step_4_pointer(monkeypatch) -> None:
@@ -64,7 +64,7 @@ def _kill_before_step_4_pointer(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("ahead, lora", [(0, ()), (2, ()), (1, LORA)], ids=["on-policy", "ahead", "lora"])
-def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, capsys, ahead, lora):
+def test_resume_equals_uninterrupted_run(actor_pool, tmp_path, monkeypatch, capsys, ahead, lora):
     """A run interrupted and resumed from its step-2 checkpoint equals the uninterrupted run.
 
     On-policy, the run dies between step 4's checkpoint files and its `latest` pointer: the
@@ -77,11 +77,11 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, cap
     worker instead of the learners' base weights: the same KL and loss, with adapters away from
     zero, show the two sources agree."""
     a = (f"trainer.rollout_ahead={ahead}", *lora)
-    straight = _run(tmp_path, "straight", "trainer.steps=4", *a)
+    straight = _run(tmp_path, actor_pool, "straight", "trainer.steps=4", *a)
 
     with monkeypatch.context() as patch:  # Ctrl-C: exit code 130 and the command that continues
         (_kill_after_step_2_checkpoint if ahead else _kill_before_step_4_pointer)(patch)
-        _run(tmp_path, "resumed", "trainer.steps=4", *a, expect=130)
+        _run(tmp_path, actor_pool, "resumed", "trainer.steps=4", *a, expect=130)
     hint = capsys.readouterr().err.strip().splitlines()[-1]
     assert hint.startswith("interrupted: continue from its latest checkpoint (step 2) with: python -m "
                            "system.train --config configs/debug.yaml ") and hint.endswith(" trainer.resume=auto")
@@ -94,7 +94,7 @@ def test_resume_equals_uninterrupted_run(ray_cluster, tmp_path, monkeypatch, cap
         saved = torch.load(pending, weights_only=False)
         assert [(x["step"], x["version"]) for x in saved] == [(3 + i, 2 - ahead + i) for i in range(ahead)]
     other_source = ("reference.source=worker",) if lora else ()
-    resumed = _run(tmp_path, "resumed", "trainer.steps=4", "trainer.resume=auto", *a, *other_source)
+    resumed = _run(tmp_path, actor_pool, "resumed", "trainer.steps=4", "trainer.resume=auto", *a, *other_source)
     assert (root / "latest").read_text().strip() == "step_000004"
 
     a, b = _train_records(straight), _train_records(resumed)
@@ -133,3 +133,29 @@ def _check_lora_outputs(run) -> None:
     for name, p in adapted.merge_and_unload().named_parameters():
         assert torch.allclose(p, merged[name], atol=1e-6, rtol=0), name
     assert any(not torch.equal(base[k], merged[k]) for k in merged)
+
+
+def test_a_run_on_reused_actors_equals_the_run_that_started_them(ray_cluster, tmp_path):
+    """system.actors.ActorPool: the second run resets the first run's actors instead of starting
+    its own, and trains exactly as the first did on fresh ones (same metrics, same final weights,
+    bit for bit); a run whose config changes the actors' processes (one learner rank) gets new ones."""
+    from system.actors import ActorPool
+
+    pool = ActorPool()
+    try:
+        first = _run(tmp_path, pool, "first", "trainer.steps=2")
+        actors = pool.actors
+        second = _run(tmp_path, pool, "second", "trainer.steps=2")
+        assert pool.actors is actors
+        a, b = _train_records(first), _train_records(second)
+        assert [x["step"] for x in a] == [x["step"] for x in b] == [1, 2]
+        for x, y in zip(a, b):
+            for key in ("loss", "reward_mean", "kl_full", "clip_frac", "weight_norm", "policy_version"):
+                assert x[key] == y[key], (x["step"], key)
+        wa = load_file(first / "final" / "model.safetensors")
+        wb = load_file(second / "final" / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+        _run(tmp_path, pool, "one_rank", "trainer.steps=1", "learner.num_ranks=1")
+        assert pool.actors is not actors and pool.actors is not None
+    finally:
+        pool.close()

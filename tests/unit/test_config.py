@@ -291,3 +291,16 @@ def test_the_synthetic_task_is_data_synthetic():
     warned = ignored_keys(load_config(DEBUG, ["data.synthetic.n_terms=4", "data.source=file",
                                               "data.train_path=configs/data/arith_train.jsonl"]))
     assert [w.split(":")[0] for w in warned] == ["data.synthetic"]
+
+
+def test_every_auto_is_made_concrete_at_load():
+    """The saved config shows what the run used: no `auto`/null left for the actors to resolve."""
+    lora = ["learner.lora.rank=8"]
+    assert load_config(DEBUG, lora).sync.lora == "adapters"
+    assert load_config(DEBUG, [*lora, "rollout.backend=vllm"]).sync.lora == "merged"
+    assert load_config(DEBUG).sync.lora == "auto"  # no LoRA: the key does not apply (a warning if set)
+    assert load_config(DEBUG, ["rollout.backend=vllm"]).rollout.enforce_eager is True  # CPU build
+    gpu = ["rollout.backend=vllm", "rollout.num_gpus=1", "learner.num_gpus=1"]
+    assert load_config(DEBUG, gpu).rollout.enforce_eager is False
+    cfg = load_config(DEBUG, [*lora, "rollout.backend=vllm"])
+    assert "auto" not in (cfg.sync.backend, cfg.sync.lora, cfg.reference.source)

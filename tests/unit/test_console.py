@@ -21,7 +21,7 @@ def test_vllm_rotary_reload_notice_is_dropped_and_other_layers_still_reported():
 
 def test_learner_processes_get_no_deepspeed_or_all_gather_notices():
     from system.config import load_config
-    from system.trainer import quiet_third_party
+    from system.actors import quiet_third_party
 
     env = quiet_third_party(load_config("configs/debug.yaml"))
     assert env["DS_ACCELERATOR"] == "cpu"

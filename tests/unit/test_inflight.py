@@ -54,13 +54,14 @@ def test_a_sample_staler_than_k_is_refused():
 
 
 def _restoring_trainer(monkeypatch, ahead: int):
-    """A Trainer with only what _restore_pending uses: config, prompt sampler, in-flight queue."""
-    from system import trainer as trainer_module
+    """A Trainer with only what restore_pending uses: config, prompt sampler, in-flight queue."""
+    from system import resume
     from system.config import load_config
     from system.data.prompts import PromptSampler
+    from system.trainer import Trainer
 
-    monkeypatch.setattr(trainer_module.ray, "put", lambda x: x)  # no cluster: the outputs themselves
-    t = trainer_module.Trainer.__new__(trainer_module.Trainer)
+    monkeypatch.setattr(resume.ray, "put", lambda x: x)  # no cluster: the outputs themselves
+    t = Trainer.__new__(Trainer)
     t.cfg = load_config("configs/debug.yaml", [f"trainer.rollout_ahead={ahead}",
                                                "trainer.prompts_per_step=2", "rollout.group_size=2"])
     t.sampler = PromptSampler([{"prompt_ids": [i]} for i in range(10)], seed=0)
@@ -80,11 +81,13 @@ def _saved(step, version):
 def test_restore_in_flight_samples(tmp_path, monkeypatch, saved, ahead, kept):
     import torch
 
+    from system import resume
+
     path = tmp_path / "pending_sample.pt"
     torch.save(saved, path)
     t = _restoring_trainer(monkeypatch, ahead)
     start = t.sampler.state_dict()
-    t._restore_pending(str(path))
+    resume.restore_pending(t, str(path))
     assert [(x.step, x.version) for x in t.inflight] == kept
     assert t.inflight.data_position(None) == start  # the data position before the first of them
     assert t.sampler.state_dict()["pos"] == 2 * len(kept)  # each took its step's prompts again

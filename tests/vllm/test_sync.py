@@ -36,7 +36,7 @@ def test_after_training_vllm_greedy_equals_the_learners(trainer):
         batch, rewards = _one_batch(trainer)
         trainer.learn(batch, rewards, trainer.reference_rows(batch))
         trainer.version += 1
-        trainer.sync_weights()  # raises ChecksumMismatch if the engine's weights differ
+        trainer.actors.sync(trainer.version)  # raises ChecksumMismatch if the engine's weights differ
     after = trainer.generate(prompts, 1, seed=0, greedy=True)
     assert after != before, "two updates at lr 1e-2 changed no greedy answer: nothing was tested"
     assert after == learner_greedy(trainer, prompts, n)

@@ -1,0 +1,248 @@
+"""The actors of a run and the weight sync between them: start, wire up, sync, reset, stop.
+
+`Actors.start()` creates the three groups (learner ranks, rollout workers, reference workers),
+joins the learners' DeepSpeed group, builds their engines and the weight-sync group (rank 0 the
+learner, ranks 1..R the rollout workers; workers/weight_sync.py). `sync(version)` is one
+broadcast, with the checksums compared. The actors can outlive a run: `reset(cfg)` brings them to
+the state a fresh start would have (the learners' engines rebuilt from the model: weights,
+optimizer, schedule, seeds; the testing aids of the new config armed) for a run whose config
+`reusable` accepts, so a sequence of runs pays the start-up once (the tests, the experiments'
+grids). The rollout workers get the new run's weights at its first sync, the reference workers
+hold no state. docs/design.md (sections 3 and 4) has the whole picture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import ray
+
+from system.actor_group import ActorGroup, placement_line
+from system.config import ConfigError, lora_sync_mode
+from system.faults import ChecksumMismatch
+from system.metrics import Phases
+
+
+def quiet_third_party(cfg) -> dict:
+    """Environment that keeps third-party notices off the console, where they repeated once per
+    process: DeepSpeed's "Setting accelerator to CPU" (it is told instead, with learners on CPU) and
+    torch's deprecation of all_gather_into_tensor, which DeepSpeed's ZeRO calls every step."""
+    env = {"PYTHONWARNINGS": "ignore:`torch.distributed.all_gather_into_tensor` is deprecated:FutureWarning"}
+    if cfg.learner.num_gpus == 0:
+        env["DS_ACCELERATOR"] = "cpu"
+    return env
+
+
+def learner_settings(cfg) -> dict:
+    """What a learner rank is built and trained with (workers/learner.py)."""
+    c, lr = cfg, cfg.learner
+    rows = c.trainer.prompts_per_step * c.rollout.group_size
+    return {"torch_threads": c.ray.torch_threads, "seed": c.seed, "dtype": c.model.dtype,
+            "gradient_checkpointing": lr.gradient_checkpointing,
+            "ref_transport": "hidden" if c.reference.source == "adapters_off" else c.reference.transport,
+            "temperature": c.rollout.temperature, "lora": dataclasses.asdict(lr.lora),
+            "sync_mode": lora_sync_mode(c),
+            "optimizer": lr.optimizer, "lr": lr.lr, "betas": list(lr.betas),
+            "weight_decay": lr.weight_decay, "warmup_steps": lr.warmup_steps,
+            "micro_batch": rows // (lr.num_ranks * lr.minibatches), "grad_clip": lr.grad_clip,
+            "zero_stage": lr.zero_stage, "chunk_size": lr.chunk_size,
+            "minibatches": lr.minibatches, "epochs": lr.epochs, "kl_mode": c.algo.kl.mode,
+            "pi_old": c.algo.pi_old, "rollout_correction": c.algo.rollout_correction,
+            "tis_cap": c.algo.tis_cap, "mis_bounds": list(c.algo.mis_bounds),
+            "mis_level": c.algo.mis_level,
+            "kl_coef": c.algo.kl.coef, "kl_seq_weight": c.algo.kl.seq_weight,
+            "kl_prefix_cap": c.algo.kl.prefix_cap, "clip_low": c.algo.clip_low,
+            "clip_high": c.algo.clip_high, "dual_clip": c.algo.dual_clip,
+            "aggregation": c.algo.aggregation, "max_len": c.rollout.max_new_tokens,
+            "nan_loss_at": list(c.faults.nan_loss_at), "nan_grad_at": list(c.faults.nan_grad_at)}
+
+
+# learner settings that shape the processes or the weights the rollout workers hold: a run that
+# changes one of them needs new actors; the others go to the learners with reset()
+_LEARNER_PROCESS_KEYS = ("torch_threads", "dtype", "ref_transport", "lora", "sync_mode")
+
+
+def _vllm_kwargs(cfg) -> dict:
+    r = cfg.rollout
+    if r.backend != "vllm":
+        return {}
+    return {"gpu_memory_utilization": r.gpu_memory_utilization,
+            "tensor_parallel_size": r.tensor_parallel_size, "kv_cache_gb": r.kv_cache_gb,
+            "enforce_eager": r.enforce_eager, "max_model_len": r.max_model_len, "head_dtype": r.head_dtype}
+
+
+def startup_key(cfg, model_path: str) -> tuple:
+    """Everything the actors' processes were started with: runs with equal keys can share them."""
+    c, settings = cfg, learner_settings(cfg)
+    groups = [(getattr(c, role).num_cpus, getattr(c, role).num_gpus, sorted(getattr(c, role).resources.items()))
+              for role in ("learner", "rollout", "reference")]
+    # the seed reaches the processes only through vLLM's engine (HF generate is seeded per call)
+    return (model_path, c.seed if c.rollout.backend == "vllm" else None, c.ray.torch_threads, c.learner.num_ranks, c.rollout.backend,
+            c.rollout.num_workers, sorted(_vllm_kwargs(c).items()), c.reference.source,
+            c.reference.num_workers, c.reference.transport, c.reference.micro_batch,
+            c.faults.max_actor_restarts, c.sync.backend, c.sync.timeout_s, repr(groups),
+            repr([settings[k] for k in _LEARNER_PROCESS_KEYS]), sorted(quiet_third_party(c).items()))
+
+
+class Actors:
+    def __init__(self, cfg, model_path: str):
+        self.cfg, self.model_path = cfg, model_path
+        self.key = startup_key(cfg, model_path)
+        self.learners = self.rollout = self.reference = None
+        self.buckets, self.sync_bytes, self.weight_norm = [], 0, 0.0
+        self.startup = Phases()
+
+    def reusable(self, cfg, model_path: str) -> bool:
+        return self.learners is not None and startup_key(cfg, model_path) == self.key
+
+    # ---- start, reset, stop -----------------------------------------------------------------
+    def start(self) -> None:
+        """Start every actor and wire them up; self.startup holds the seconds per phase (they
+        follow one another, so they add up to the time this takes).
+
+        The learners start first: theirs is the longest path (imports, process group, model load,
+        DeepSpeed engine), and the first actors get the worker processes Ray started with the
+        cluster (on 2 CPU cores start-up is CPU-bound and the order made no measurable difference:
+        tests/benchmarks/startup.py). The rollout and reference workers load their models in the
+        meantime, so the driver waits for them only if they are still loading once the learners
+        are built."""
+        c = self.cfg
+        phase = self.startup = Phases()
+        _count_startup()
+        # no progress bars from the workers (loading and saving weights): their output would
+        # interleave with the step lines, and arrive after the summary
+        env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_DISABLE_PROGRESS_BARS": "1", **quiet_third_party(c)}
+        threads, n, settings = c.ray.torch_threads, c.learner.num_ranks, learner_settings(c)
+        with phase("create actors"):
+            self.learners = ActorGroup(
+                "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
+                lambda r: ((r, n, self.model_path, settings), {}), env, resources=c.learner.resources)
+            self.rollout = ActorGroup(
+                "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
+                c.rollout.num_gpus,
+                lambda r: ((self.model_path, c.rollout.backend, c.model.dtype, threads, c.seed + 10 * r),
+                           {"vllm_kwargs": _vllm_kwargs(c)}),
+                env, max_restarts=c.faults.max_actor_restarts, resources=c.rollout.resources)
+            self.reference = ActorGroup(  # empty with reference.source=adapters_off: the learners do it
+                "reference", "workers.reference:ReferenceWorker",
+                0 if c.reference.source == "adapters_off" else c.reference.num_workers,
+                c.reference.num_cpus, c.reference.num_gpus,
+                lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
+                           {"micro_batch": c.reference.micro_batch}), env,
+                max_restarts=c.faults.max_actor_restarts, resources=c.reference.resources)
+        with phase("learner processes + imports + process group"):
+            self.learners.init_collective()
+        with phase("learner build"):
+            try:
+                self.learners.call("build")
+            except ConfigError as err:  # a model the learner refuses: Ray re-raises it as a subclass
+                raise ConfigError(str(getattr(err, "cause", err))) from None
+        with phase("rollout/reference still loading"):
+            self.pids()
+        with phase("sync group"):
+            self.init_sync()
+        self._arm(c)
+        print(f"[placement] {placement_line(self.rollout, self.reference, self.learners)}", flush=True)
+
+    def reset(self, cfg) -> None:
+        """Back to the state start() leaves, for a run with this config (`reusable` must accept
+        it): the learners rebuild their engines from the model with the new settings and seeds."""
+        self.cfg = cfg
+        phase = self.startup = Phases()
+        with phase("learner rebuild (actors reused)"):
+            self.learners.call("reset", learner_settings(cfg))
+            self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(cfg.sync.bucket_mb))
+        self._arm(cfg)
+        print(f"[placement] {placement_line(self.rollout, self.reference, self.learners)} (reused)",
+              flush=True)
+
+    def stop(self) -> None:
+        for group in (self.rollout, self.reference, self.learners):
+            if group is not None:
+                group.shutdown()
+        self.learners = self.rollout = self.reference = None
+
+    def _arm(self, cfg) -> None:
+        """Testing aids (faults.corrupt_sync_at): rollout worker 0 loads one weight wrong in the
+        first `n` syncs of each version listed n times. Nothing in real runs."""
+        corrupt = list(cfg.faults.corrupt_sync_at)
+        if len(self.rollout):
+            ray.get(self.rollout.actors[0].corrupt_syncs.remote({v: corrupt.count(v) for v in corrupt}))
+
+    # ---- the weight sync --------------------------------------------------------------------
+    def init_sync(self) -> None:
+        """A new sync group (at start, and after a rollout worker restarted: a new process cannot
+        join the old one), on a port learner rank 0 holds from the moment it names it."""
+        s = self.cfg.sync  # backend: made concrete when the config loaded
+        world = 1 + len(self.rollout)
+        host, port = ray.get(self.learners.actors[0].open_weight_sync.remote(world, s.timeout_s))
+        refs = self.learners.call_async("init_weight_sync", host, port, world, s.backend, s.timeout_s)
+        refs += self.rollout.call_each_async("init_weight_sync", [
+            (host, port, 1 + i, world, s.backend, s.timeout_s) for i in range(len(self.rollout))])
+        ray.get(refs)
+        self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(s.bucket_mb))
+        self.sync_bytes = sum(b.nbytes for b in self.buckets)  # per rollout worker and sync
+
+    def sync(self, version: int) -> None:
+        """One broadcast from learner rank 0 to every rollout worker; checksums must agree."""
+        sent = self.learners.call_async("send_weights", self.buckets)
+        got = self.rollout.call_async("receive_weights", self.buckets, version)
+        digest, received = ray.get(sent)[0], ray.get(got)
+        for i, d in enumerate(received):
+            if not all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-6) for a, b in zip(digest, d)):
+                raise ChecksumMismatch(f"weight sync: rollout worker {i} checksum {d} != learner "
+                                       f"{digest} (policy version {version})")
+        self.weight_norm = math.sqrt(digest[1])
+
+    # ---- what system/faults.py asks -------------------------------------------------------------
+    def pids(self) -> dict[str, list]:
+        """The process id of every rollout and reference worker (a new one: restarted)."""
+        return {"rollout": self.rollout.call("pid"), "reference": self.reference.call("pid")}
+
+    def groups(self) -> dict[str, ActorGroup]:
+        return {"learner": self.learners, "rollout": self.rollout, "reference": self.reference}
+
+
+class ActorPool:
+    """Actors kept from one run to the next in one process (the tests, the experiments' grids).
+
+    take() resets the held actors for a run whose config allows it (Actors.reusable), else stops
+    them and starts new ones; give_back(clean) keeps them for the next run only after a clean run
+    (finished, no worker restarted: Ray's restart budget and every process's state are then what a
+    fresh start gives), and stops them otherwise. keep=False (a single run) always stops them."""
+
+    def __init__(self, keep: bool = True):
+        self.keep, self.actors = keep, None
+
+    def take(self, cfg, model_path: str) -> Actors:
+        if self.actors is not None and self.actors.reusable(cfg, model_path):
+            self.actors.reset(cfg)
+            return self.actors
+        self.close()
+        self.actors = Actors(cfg, model_path)
+        try:
+            self.actors.start()
+        except BaseException:
+            self.close()
+            raise
+        return self.actors
+
+    def give_back(self, clean: bool) -> None:
+        if not (clean and self.keep):
+            self.close()
+
+    def close(self) -> None:
+        if self.actors is not None:
+            self.actors.stop()
+            self.actors = None
+
+
+def _count_startup() -> None:
+    """One line per start-up in the file $GRPO_STARTUP_LOG names (the test suite counts them)."""
+    path = os.environ.get("GRPO_STARTUP_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")
