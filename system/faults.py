@@ -112,6 +112,17 @@ class FaultHandler:
         self.learner_nodes = [f"node {str(n)[:6]} ({address.get(n, '?')})"
                               for n in self.actors.learners.nodes()]
 
+    def actors_as_started(self) -> bool:
+        """Whether every actor is still the process this run started with: none died or was
+        restarted (then the actors can serve another run, system/actors.py ActorPool)."""
+        if self.restarts:
+            return False
+        try:
+            learners = probe(self.actors.learners.actors, _LEARNER_PROBE_S)
+            return all(state == "alive" for state, _ in learners) and self.actors.pids() == self.pids
+        except RayActorError:
+            return False
+
     # ---- the guarded calls ------------------------------------------------------------------
     def run_step(self, step: int, train_step) -> dict:
         """train_step(step), retried from the same prompts after a rollout/reference restart."""

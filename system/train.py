@@ -172,6 +172,7 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int
     from omegaconf import OmegaConf
 
     from system.actors import ActorPool, quiet_third_party
+    from system.faults import RunStopped
     from system.metrics import Phases
     from system.resources import ResourceError, check_cluster_resources
     from system.rewards.pool import RewardPool
@@ -209,9 +210,12 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int
             with progress_bar(cfg.trainer.steps, cfg.trainer.progress_bar) as bar:
                 result = trainer.fit(logger, bar)
             trainer.save_policy(os.path.join(run.path, "final"))
-            done = trainer.faults.restarts == 0  # a worker restarted: fresh actors for the next run
-        finally:
-            pool.give_back(done)
+            done = True
+        except RunStopped:  # stopped by the driver: the actors are idle (if none of them died)
+            done = True
+            raise
+        finally:  # fresh actors for the next run unless these are the ones it started, all idle
+            pool.give_back(done and trainer is not None and trainer.faults.actors_as_started())
             if logger is not None:
                 logger.close()
     if not embedded and ray.is_initialized():  # no actor output may arrive after the summary

@@ -28,7 +28,13 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def ray_cluster():
     ray = pytest.importorskip("ray")
+    from ray._private import ray_constants
+
+    from system.cluster import LOOPBACK_ENV
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ[LOOPBACK_ENV] = "0"  # the node stays on 127.0.0.1, as system/cluster.py keeps its own
+    ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
              log_to_driver=False, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     yield

@@ -44,6 +44,6 @@ def learner_greedy(trainer, prompts: list[list[int]], max_new_tokens: int, devic
     from workers.rollout import HFBackend
 
     weights = ray.get(trainer.learners.actors[0].weights.remote())
-    backend = HFBackend(trainer.model_path, "float32", torch.device(device))
+    backend = HFBackend(trainer.actors.model_path, "float32", torch.device(device))
     backend.load_weights(weights.items())
     return backend.generate(prompts, 1, 1.0, 1.0, max_new_tokens, True, False)[0]
