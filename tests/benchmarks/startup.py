@@ -10,7 +10,9 @@ start-up work) and for this tree, in alternating order:
    as on a machine where nothing was ever compiled for this installation;
 2. "repeat run": the same command again with the directory the first run left behind.
 It reads the `[setup] actors ready in ...` line of each run (and this tree's phases, printed on the
-same line); the CPU seconds of all the run's processes (Ray's included, sampled), from the launch
+same line); and, for this tree, "next run, actors reused": two runs one after the other in one
+process with a system.actors.ActorPool, the second resetting the first's actors (the case of the
+test suite and the experiments' grids), whose own line it reads. Per run: the CPU seconds of all the run's processes (Ray's included, sampled), from the launch
 to that line (the driver's imports included, which the line's clock leaves out) and to the end,
 which what else runs on the machine moves far less than the times; the wall time of the run;
 whether it compiled anything into TORCH_EXTENSIONS_DIR; and the load average before it. It checks
@@ -127,6 +129,48 @@ def run(tree: Path, ext_dir: Path, out_dir: Path, name: str, steps: int) -> dict
             "cpu_ready": cpu_ready, "load": load, "compiled": compiled, "train": train}
 
 
+_REUSE = """
+import sys
+from system.actors import ActorPool
+from system.cluster import init_ray
+from system.config import load_config
+from system.train import main
+
+overrides = sys.argv[1:]
+init_ray(load_config("configs/debug.yaml", overrides))
+pool = ActorPool()
+for name in ("first", "second"):
+    if main(["--config", "configs/debug.yaml", *overrides, f"run_name={name}"], pool=pool) != 0:
+        raise SystemExit(f"run {name} failed")
+pool.close()
+"""
+
+
+def reused(tree: Path, out_dir: Path, steps: int) -> dict:
+    """Two runs in one process sharing an ActorPool: the second one's start-up line and records,
+    and whether it trained as the first did."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(tree), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
+    overrides = [*MODEL, f"trainer.steps={steps}", "eval.size=0", "trainer.progress_bar=false",
+                 f"output_dir={out_dir}", "ray.address=local", "ray.log_to_driver=false"]
+    load = os.getloadavg()[0]
+    proc = subprocess.run([sys.executable, "-c", _REUSE, *overrides], cwd=tree, env=env,
+                          capture_output=True, text=True)
+    found = READY.findall(proc.stdout)
+    if proc.returncode != 0 or len(found) != 2:
+        raise SystemExit(f"reused runs failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                         f"{proc.stderr[-3000:]}")
+    ready, phases = float(found[1][0]), dict(p.rpartition(" ")[::2] for p in found[1][1].split(", "))
+    records = []
+    for name in ("first", "second"):
+        with open(out_dir / name / "metrics.jsonl") as f:
+            records.append([r for r in map(json.loads, f) if r["kind"] == "train"])
+    print(f"  reused: actors ready {ready:.1f}s (the first run's {float(found[0][0]):.1f}s), "
+          f"load {load:.2f}", flush=True)
+    return {"ready": ready, "phases": {k: float(v.rstrip("s")) for k, v in phases.items()},
+            "load": load, "same": not metrics_differ(records[0], records[1])}
+
+
 def metrics_differ(a: list[dict], b: list[dict]) -> list[str]:
     """Keys of the train records that are not equal between two runs (timings left out)."""
     bad = []
@@ -156,6 +200,7 @@ def main() -> None:
         work = Path(tmp)
         trees = {"baseline": checkout(args.baseline, work / "baseline"), "this tree": ROOT}
         results.update({(v, c): [] for v in trees for c in ("first", "repeat")})
+        reuse = []
         for i in range(args.repeats):
             order = list(trees) if i % 2 == 0 else list(trees)[::-1]
             print(f"repeat {i + 1}/{args.repeats}: {' then '.join(order)}", flush=True)
@@ -169,6 +214,7 @@ def main() -> None:
                     results[version, case].append(runs[version, case])
             differences += metrics_differ(runs["baseline", "first"]["train"],
                                           runs["this tree", "first"]["train"])
+            reuse.append(reused(ROOT, work / f"reuse-{i}", args.steps))
 
     rows = []
     for (version, case), rs in results.items():
@@ -179,6 +225,10 @@ def main() -> None:
                      f"{median(r['wall'] for r in rs):.1f}", f"{median(r['cpu'] for r in rs):.1f}",
                      "yes" if any(r["compiled"] for r in rs) else "no",
                      ", ".join(f"{r['load']:.1f}" for r in rs)])
+    ready = [r["ready"] for r in reuse]
+    rows.append(["this tree", "next run, actors reused", f"{median(ready):.1f}",
+                 f"{min(ready):.1f}-{max(ready):.1f}", "", "", "", "no",
+                 ", ".join(f"{r['load']:.1f}" for r in reuse)])
     table = markdown_table(["tree", "case", "actors ready s (median)", "min-max",
                             "CPU s to actors ready (median)", "run wall s (median)", "run CPU s (median)",
                             "run compiled an op", "load average before each run"], rows)
@@ -187,14 +237,17 @@ def main() -> None:
                             for c in ("first", "repeat")] for name in phase_names]
     phases = markdown_table(["phase (this tree, driver's view)", "first run s (median)",
                              "repeat run s (median)"], phase_rows)
-    worst = max(r["ready"] for c in ("first", "repeat") for r in results["this tree", c])
+    worst = max(r["ready"] for c in ("first", "repeat") for r in results["this tree", c] + reuse)
     body = (f"Baseline: `{args.baseline}` (`git archive`), against this tree; {args.repeats} repeats, "
             f"order alternating; each run {args.steps} training steps of configs/debug.yaml with eval "
             f"off, a local Ray cluster, and the debug model built with a 30-step warm start (shared "
             f"by both trees). `first run after install`: TORCH_EXTENSIONS_DIR new and empty; "
             f"`repeat run`: the directory that first run left.\n\n{table}\n\n{phases}\n\n"
             f"Training metrics of every step (timings left out) equal between the trees: "
-            f"{'yes' if not differences else 'NO: ' + '; '.join(differences[:5])}.\n\n"
+            f"{'yes' if not differences else 'NO: ' + '; '.join(differences[:5])}; the run on reused "
+            f"actors trained as the run that started them: "
+            f"{'yes' if all(r['same'] for r in reuse) else 'NO'} (its phases: "
+            f"{'; '.join(', '.join(f'{k} {v:.1f}s' for k, v in r['phases'].items()) for r in reuse)}).\n\n"
             f"Target: actors ready <= {TARGET_S:.0f} s on every run of this tree: "
             f"{verdict(worst <= TARGET_S)} (slowest {worst:.1f} s).\n")
     publish("startup", "time to first step, debug config", body, append=not args.no_append)
