@@ -196,7 +196,11 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int
     with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s,
                     memory_limit_mb=cfg.reward.memory_limit_mb) as rewards:
         try:
-            actors = pool.take(cfg, model_path)
+            try:
+                actors = pool.take(cfg, model_path)
+            except ResourceError as err:  # placement waited past its limit: the cluster is busy
+                print(f"resource error: {err}", file=sys.stderr)
+                return 2
             trainer = Trainer(cfg, actors, tokenizer, prompts, run.path, rewards)
             run.begin(to_yaml(cfg))
             total = time.perf_counter() - t0

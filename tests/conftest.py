@@ -14,15 +14,34 @@ import pytest
 _STARTUP_LOG = os.path.join(tempfile.mkdtemp(prefix="grpo-startups-"), "startups")
 
 
+_BY_TEST: dict[str, int] = {}
+
+
+def _startups() -> int:
+    if not os.path.exists(_STARTUP_LOG):
+        return 0
+    with open(_STARTUP_LOG) as f:
+        return sum(1 for _ in f)
+
+
 def pytest_configure(config):
     os.environ["GRPO_STARTUP_LOG"] = _STARTUP_LOG
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before = _startups()
+    try:
+        return (yield)
+    finally:
+        if _startups() > before:
+            _BY_TEST[item.nodeid] = _startups() - before
+
+
 def pytest_terminal_summary(terminalreporter):
-    if os.path.exists(_STARTUP_LOG):
-        with open(_STARTUP_LOG) as f:
-            count = sum(1 for _ in f)
-        terminalreporter.write_line(f"pipeline start-ups in this session: {count}")
+    terminalreporter.write_line(f"pipeline start-ups in this session: {_startups()}")
+    for nodeid, count in _BY_TEST.items():
+        terminalreporter.write_line(f"  {count}  {nodeid}")
 
 
 @pytest.fixture(scope="session")
