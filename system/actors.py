@@ -14,6 +14,7 @@ hold no state. docs/design.md (sections 3 and 4) has the whole picture.
 from __future__ import annotations
 
 import math
+from typing import Callable
 import os
 
 import ray
@@ -187,8 +188,8 @@ class ActorPool:
 
     take() resets the held actors for a run whose config allows it (Actors.reusable), else stops
     them and starts new ones; give_back(clean) keeps them for the next run only after a clean run
-    (finished, no worker restarted: Ray's restart budget and every process's state are then what a
-    fresh start gives), and stops them otherwise. keep=False (a single run) always stops them."""
+    (finished, or stopped by the driver or Ctrl-C, with no worker dead or restarted: Ray's restart
+    budget and every process's state are then what a fresh start gives), and stops them otherwise. keep=False (a single run) always stops them."""
 
     def __init__(self, keep: bool = True):
         self.keep, self.actors = keep, None
@@ -206,8 +207,9 @@ class ActorPool:
             raise
         return self.actors
 
-    def give_back(self, clean: bool) -> None:
-        if not (clean and self.keep):
+    def give_back(self, clean: Callable[[], bool]) -> None:
+        """clean() (asked only when the pool keeps actors: it probes them) says they can serve again."""
+        if not (self.keep and clean()):
             self.close()
 
     def close(self) -> None:

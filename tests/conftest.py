@@ -28,6 +28,16 @@ def pytest_configure(config):
     os.environ["GRPO_STARTUP_LOG"] = _STARTUP_LOG
 
 
+def pytest_collection_modifyitems(items):
+    """Within each directory, the tests marked leaves_no_actors (they kill actors, or run another
+    model) go last: the others then run one after another on the session's actor pool."""
+    first_seen: dict = {}
+    for item in items:
+        first_seen.setdefault(item.path.parent, len(first_seen))
+    items.sort(key=lambda item: (first_seen[item.path.parent],
+                                 item.get_closest_marker("leaves_no_actors") is not None))
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     before = _startups()

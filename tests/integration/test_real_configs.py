@@ -17,7 +17,7 @@ import json
 import pytest
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
 
 CPU = ["rollout.num_gpus=0", "reference.num_gpus=0", "learner.num_gpus=0", "rollout.kv_cache_gb=0.25"]
 SIZE = ["trainer.steps=2", "trainer.prompts_per_step=4", "rollout.max_new_tokens=16", "eval.size=4",
