@@ -40,6 +40,7 @@ def learner_settings(cfg) -> dict:
     c, lr = cfg, cfg.learner
     rows = c.trainer.prompts_per_step * c.rollout.group_size
     return {"torch_threads": c.ray.torch_threads, "seed": c.seed, "dtype": c.model.dtype,
+            "attn_implementation": c.model.attn_implementation, "packing": lr.packing,
             "gradient_checkpointing": lr.gradient_checkpointing,
             "ref_transport": "hidden" if c.reference.source == "adapters_off" else c.reference.transport,
             "temperature": c.rollout.temperature, "lora": dataclasses.asdict(lr.lora),
@@ -61,7 +62,8 @@ def learner_settings(cfg) -> dict:
 
 # learner settings that shape the processes or the weights the rollout workers hold: a run that
 # changes one of them needs new actors; the others go to the learners with reset()
-_LEARNER_PROCESS_KEYS = ("torch_threads", "dtype", "ref_transport", "lora", "sync_mode")
+_LEARNER_PROCESS_KEYS = ("torch_threads", "dtype", "attn_implementation", "ref_transport", "lora",
+                         "sync_mode")
 
 
 def _vllm_kwargs(cfg) -> dict:
@@ -81,7 +83,8 @@ def startup_key(cfg, model_path: str) -> tuple:
     # the seed reaches the processes only through vLLM's engine (HF generate is seeded per call)
     return (model_path, c.seed if c.rollout.backend == "vllm" else None, c.ray.torch_threads, c.learner.num_ranks, c.rollout.backend,
             c.rollout.num_workers, sorted(_vllm_kwargs(c).items()), c.reference.source,
-            c.reference.num_workers, c.reference.transport, c.reference.micro_batch,
+            c.reference.num_workers, c.reference.transport, c.reference.max_tokens_per_micro_batch,
+            c.reference.packing, c.model.attn_implementation,
             c.faults.max_actor_restarts, c.sync.backend, c.sync.timeout_s, repr(groups),
             repr([settings[k] for k in _LEARNER_PROCESS_KEYS]), sorted(quiet_third_party(c).items()))
 
@@ -131,7 +134,9 @@ class Actors:
                 0 if c.reference.source == "adapters_off" else c.reference.num_workers,
                 c.reference.num_cpus, c.reference.num_gpus,
                 lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
-                           {"micro_batch": c.reference.micro_batch}), env,
+                           {"max_tokens": c.reference.max_tokens_per_micro_batch,
+                            "packed": c.reference.packing == "on",
+                            "attn_implementation": c.model.attn_implementation}), env,
                 max_restarts=c.faults.max_actor_restarts, resources=c.reference.resources)
         with phase("learner processes + imports + process group"):
             self.learners.init_collective()
