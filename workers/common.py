@@ -79,7 +79,8 @@ def hidden_at(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask
         out = backbone(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state[:, :-1][loss_mask.bool()]
     ids, positions = packed_inputs(input_ids, attention_mask)  # [1, S] each
-    out = backbone(input_ids=ids, position_ids=positions)
+    # no cache: with one, transformers reads the position ids as a continuation, not as packing
+    out = backbone(input_ids=ids, position_ids=positions, use_cache=False)
     return out.last_hidden_state[0][packed_positions(attention_mask, loss_mask)]
 
 
