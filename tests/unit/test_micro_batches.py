@@ -232,3 +232,44 @@ def test_reference_rows_are_the_same_whatever_the_micro_batching(transport):
     with pytest.raises(ValueError, match="reference.max_tokens_per_micro_batch: a row of"):
         w.max_tokens = 4
         w.forward(**inputs)
+
+
+def test_a_non_finite_loss_after_the_first_micro_batch_skips_the_step(monkeypatch):
+    """Micro-batch 2 of 3 has a NaN loss: the gradients already accumulated are poisoned (NaN, at
+    the accumulation boundary) so that the step's own check discards them; no optimizer step."""
+    pytest.importorskip("deepspeed")
+    import types
+
+    import workers.learner as learner_mod
+    from tests.unit.test_learner import tiny_qwen2
+    from workers.learner import LearnerWorker
+    from workers.policy import PolicyWithHead
+
+    monkeypatch.setattr(learner_mod, "_all_ranks", lambda ok, device: bool(ok))
+    policy = tiny_qwen2(False)
+    batch = random_batch(8, seed=5)
+    split = split_for_learners(batch, 1, 1, "token-mean", 40, False)
+    assert len(split.plans[0][0]) >= 3
+    w = LearnerWorker.__new__(LearnerWorker)
+    w.engine = AccumulatingEngine(PolicyWithHead(policy, policy.lm_head.weight.detach().clone(), 0.7))
+    w.engine.optimizer = types.SimpleNamespace(zero_grad=lambda set_to_none: policy.zero_grad(set_to_none))
+    stepped = []
+    w.engine.step = lambda: stepped.append(1)
+    w.device, w.world_size, w.version, w.grad_norm = torch.device("cpu"), 1, 0, None
+    w.cfg = {"chunk_size": 5, "zero_stage": 0, "minibatches": 1, "kl_mode": "full", "kl_coef": 0.3,
+             "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None, "aggregation": "token-mean",
+             "max_len": 16, "kl_seq_weight": "token", "kl_prefix_cap": 0.0}
+    with torch.no_grad():
+        out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    w.prepare(batch.rows(split.rows[0]), out.hidden_states[-1][:, :-1][batch.loss_mask.bool()],
+              split.plans[0])
+    calls = []
+
+    def nan_second(loss, logp_p):
+        calls.append(1)
+        return loss * float("nan") if len(calls) == 2 else loss
+    w._inject_nonfinite = nan_second
+    micro = w._micro_batches(dict(w.shard, advantages=torch.ones(batch.size, dtype=F64)))[0]
+    stats, applied = w._optimizer_step(micro, split.normalizers[0], first=True)
+    assert not applied and not stepped and len(calls) == 2  # stopped at the NaN micro-batch
+    assert all(p.grad is None for p in policy.parameters())  # discarded
