@@ -110,8 +110,8 @@ class ReferenceConfig:
     num_gpus: float = 0.0  # GPUs per reference actor
     num_cpus: float = 1.0  # CPUs per reference actor
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
-    max_tokens_per_micro_batch: int = 32768  # token budget of one reference forward (padded rows x longest, or packed)
-    packing: str = "auto"  # on (packed rows, no padding) | off (padded per micro-batch) | auto (on where attention packs for free)
+    max_tokens_per_micro_batch: int = 32768  # tokens per forward: rows x longest row (packed: their sum)
+    packing: str = "auto"  # on: packed rows, no padding | off: padded per micro-batch | auto: on where attention skips padding
 
 
 @dataclass
@@ -142,8 +142,8 @@ class LearnerConfig:
     num_cpus: float = 1.0  # CPUs per learner rank
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     gradient_checkpointing: bool = False  # recompute activations in backward
-    max_tokens_per_micro_batch: int = 16384  # token budget of one forward/backward (padded rows x longest, or packed)
-    packing: str = "auto"  # on (packed rows, no padding) | off (padded per micro-batch) | auto (on where attention packs for free)
+    max_tokens_per_micro_batch: int = 16384  # tokens per forward/backward: rows x longest row (packed: their sum)
+    packing: str = "auto"  # on: packed rows, no padding | off: padded per micro-batch | auto: on where attention skips padding
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0: off)
 
 

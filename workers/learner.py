@@ -43,7 +43,7 @@ from system.algo.kl_seq import seq_kl_term, sequence_kl
 from system.algo.losses import grpo_loss
 from system.algo.off_policy import CorrectionSettings, rollout_correction
 from system.config import ConfigError
-from system.data.batch import split_packed
+from system.data.batch import shard_rows
 from system.data.micro_batches import in_row_order
 from system.metrics import combine_pieces
 from workers.common import load_causal_lm, output_head_problem, seed_all, setup_process
@@ -226,7 +226,8 @@ class LearnerWorker:
         out = []
         for minibatch in self.plan:
             first = next(r for mb in minibatch for r in mb)
-            out.append([_micro_batch(shard, rows or [first], stand_in=not rows) for rows in minibatch])
+            out.append([dict(shard_rows(shard, rows or [first]), rows=rows, stand_in=not rows)
+                        for rows in minibatch])
         return out
 
     def update(self, advantages: torch.Tensor, normalizers: list[float],
@@ -465,27 +466,6 @@ def _save_merged(weights: dict, path: str, model_path: str, dtype: str) -> None:
                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(path)
-
-
-def _micro_batch(shard: dict, rows: list[int], stand_in: bool) -> dict:
-    """Rows `rows` of the shard (LearnerWorker._micro_batches): per-row tensors [n, ...] selected,
-    those over positions ([n, L] and [n, L-1]) cut at the micro-batch's longest row, the reference
-    rows [m, H or V] of these rows, and the sampled tokens [m]."""
-    n, width_all = shard["input_ids"].shape
-    idx = torch.tensor(rows)
-    width = max(int(shard["attention_mask"][idx].sum(-1).max()), 2)  # right-padded rows
-    mb = {}
-    for key, v in shard.items():
-        if torch.is_tensor(v) and key != "ref_rows" and v.shape[0] == n:
-            v = v[idx]
-            if v.dim() == 2:
-                v = v[:, :width if v.shape[1] == width_all else width - 1]
-            mb[key] = v
-    mb["tokens"] = mb["input_ids"][:, 1:][mb["loss_mask"].bool()]
-    if "ref_rows" in shard:
-        mb["ref_rows"] = split_packed(shard["ref_rows"], shard["loss_mask"], idx)
-    mb["rows"], mb["stand_in"] = rows, stand_in
-    return mb
 
 
 def _skip_shm_op() -> None:

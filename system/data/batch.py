@@ -110,3 +110,24 @@ def split_packed(rows: torch.Tensor, loss_mask: torch.Tensor, index: torch.Tenso
     counts = loss_mask.sum(-1).long()
     starts = torch.cumsum(counts, 0) - counts
     return torch.cat([rows[starts[i]:starts[i] + counts[i]] for i in index.tolist()])
+
+
+def shard_rows(shard: dict, rows: list[int]) -> dict:
+    """Rows `rows` of a learner's shard as one micro-batch: its per-row tensors [n, ...] selected,
+    those over positions ([n, L] and [n, L-1]) cut at these rows' longest (right padding: nothing
+    real lies beyond), the reference rows [m, H or V] of these rows (`ref_rows`, packed over the
+    shard) and the sampled tokens [m]."""
+    n, width_all = shard["input_ids"].shape
+    idx = torch.tensor(rows)
+    width = max(int(shard["attention_mask"][idx].sum(-1).max()), 2)
+    mb = {}
+    for key, v in shard.items():
+        if torch.is_tensor(v) and key != "ref_rows" and v.shape[0] == n:
+            v = v[idx]
+            if v.dim() == 2:
+                v = v[:, :width if v.shape[1] == width_all else width - 1]
+            mb[key] = v
+    mb["tokens"] = mb["input_ids"][:, 1:][mb["loss_mask"].bool()]
+    if "ref_rows" in shard:
+        mb["ref_rows"] = split_packed(shard["ref_rows"], shard["loss_mask"], idx)
+    return mb
