@@ -1,7 +1,8 @@
 """The learner's DeepSpeed engine on CPU as the GPU configs run it: a tied output head (both Qwen2.5
 configs tie it), gradient checkpointing, ZeRO-2 and ZeRO-3, and every path that computes pi_old in
-the learner (trainer.rollout_ahead=0; algo.pi_old=proximal). One process per stage
-(tests/integration/learner_probe.py), since DeepSpeed's process group is global."""
+the learner (trainer.rollout_ahead=0; algo.pi_old=proximal); and gradients accumulated over
+token-budget micro-batches between DeepSpeed's accumulation boundaries (ZeRO-0 and ZeRO-3). One
+process per stage (tests/integration/learner_probe.py), since DeepSpeed's process group is global."""
 
 from __future__ import annotations
 
