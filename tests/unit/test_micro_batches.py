@@ -273,3 +273,18 @@ def test_a_non_finite_loss_after_the_first_micro_batch_skips_the_step(monkeypatc
     stats, applied = w._optimizer_step(micro, split.normalizers[0], first=True)
     assert not applied and not stepped and len(calls) == 2  # stopped at the NaN micro-batch
     assert all(p.grad is None for p in policy.parameters())  # discarded
+
+
+def test_config_resolves_packing_at_load_and_names_the_budget_keys():
+    from system.config import ConfigError, load_config
+
+    cfg = load_config("configs/qwen2.5-0.5b-gsm8k.yaml")
+    assert (cfg.learner.packing, cfg.reference.packing) == ("off", "off")  # sdpa: padded per micro-batch
+    cfg = load_config("configs/qwen2.5-0.5b-gsm8k.yaml", ["model.attn_implementation=flash_attention_2"])
+    assert (cfg.learner.packing, cfg.reference.packing) == ("on", "on")
+    with pytest.raises(ConfigError, match="^reference.micro_batch: replaced by reference.max_tokens_per_micro_batch"):
+        load_config("configs/debug.yaml", ["reference.micro_batch=32"])
+    with pytest.raises(ConfigError, match="^learner.max_tokens_per_micro_batch: 1000 is less than the longest row"):
+        load_config("configs/qwen2.5-0.5b-gsm8k.yaml", ["learner.max_tokens_per_micro_batch=1000"])
+    with pytest.raises(ConfigError, match="^model.attn_implementation: flash_attention_2 runs on GPU only"):
+        load_config("configs/debug.yaml", ["model.attn_implementation=flash_attention_2"])
