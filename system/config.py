@@ -361,6 +361,8 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         if cfg.sync.lora == "auto" and cfg.learner.lora.rank > 0:  # the hf backend merges adapters itself
             cfg.sync.lora = "adapters" if cfg.rollout.backend == "hf" else "merged"
         for role in (cfg.learner, cfg.reference):  # packed rows where attention skips padding
+            # YAML reads a bare on/off as a boolean, which the str field holds as "True"/"False"
+            role.packing = {"True": "on", "False": "off"}.get(role.packing, role.packing)
             if role.packing == "auto":
                 role.packing = "on" if packs_for_free(cfg.model.attn_implementation, role.num_gpus) else "off"
         if cfg.rollout.enforce_eager is None:  # CUDA graphs on GPU; the CPU build runs eager only

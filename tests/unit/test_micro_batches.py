@@ -282,6 +282,8 @@ def test_config_resolves_packing_at_load_and_names_the_budget_keys():
     assert (cfg.learner.packing, cfg.reference.packing) == ("off", "off")  # sdpa: padded per micro-batch
     cfg = load_config("configs/qwen2.5-0.5b-gsm8k.yaml", ["model.attn_implementation=flash_attention_2"])
     assert (cfg.learner.packing, cfg.reference.packing) == ("on", "on")
+    cfg = load_config("configs/debug.yaml", ["learner.packing=on", "reference.packing=off"])  # YAML booleans
+    assert (cfg.learner.packing, cfg.reference.packing) == ("on", "off")
     with pytest.raises(ConfigError, match="^reference.micro_batch: replaced by reference.max_tokens_per_micro_batch"):
         load_config("configs/debug.yaml", ["reference.micro_batch=32"])
     with pytest.raises(ConfigError, match="^learner.max_tokens_per_micro_batch: 1000 is less than the longest row"):
