@@ -51,7 +51,7 @@ def startup_key(cfg, model_path: str) -> tuple:
     groups = [(getattr(c, role).num_cpus, getattr(c, role).num_gpus, sorted(getattr(c, role).resources.items()))
               for role in ("learner", "rollout", "reference")]
     # the seed reaches the processes only through vLLM's engine (HF generate is seeded per call)
-    return (model_path, c.seed if c.rollout.backend == "vllm" else None, c.ray.torch_threads, c.learner.num_ranks, c.rollout.backend,
+    return (os.path.realpath(model_path), c.seed if c.rollout.backend == "vllm" else None, c.ray.torch_threads, c.learner.num_ranks, c.rollout.backend,
             c.rollout.num_workers, sorted(_vllm_kwargs(c).items()), c.reference.source,
             c.reference.num_workers, c.reference.transport, c.reference.max_tokens_per_micro_batch,
             c.reference.packing, c.model.attn_implementation,
