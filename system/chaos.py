@@ -24,8 +24,9 @@ faults, by kind (`KINDS`), and how each is injected:
     driver_killed_mid_checkpoint  SIGKILL of the driver itself, the step's checkpoint written but
                               not yet committed
 The reward faults strike responses the reward scores 0 anyway (a hang or an error scores 0), so
-they cost time but change no number: like every other fault here, the run must end with the
-weights it would have had. Their reward is `exact_unless_told`, in both runs compared.
+they cost time but change no number: as with every fault here but nonfinite_update (an update
+skipped by design), the run must end with the weights it would have had without it. Their reward
+is `exact_unless_told`, in both runs compared (Hook.overrides()).
 """
 
 from __future__ import annotations
@@ -57,8 +58,9 @@ class Fault:
 
 
 def plan(seed: int, steps: int, checkpoint_every: int) -> list[Fault]:
-    """A seeded schedule: every kind once, and each worker kill a second time, on distinct steps in
-    2..steps-1; the driver is killed during a checkpoint that has an earlier one to resume from."""
+    """A seeded schedule: every kind once, and the rollout worker killed while sampling and the
+    reference worker killed a second time (13 faults), on distinct steps in 2..steps-1; the driver
+    is killed during a checkpoint that has an earlier one to resume from."""
     rng = random.Random(seed)
     checkpoints = list(range(checkpoint_every, steps, checkpoint_every))
     if not checkpoints:
