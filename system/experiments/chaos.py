@@ -2,7 +2,7 @@
 compared with the same run without them. Does a run that loses workers, a node, a learner rank,
 its driver, a weight sync, an update and rewards still end with the model it would have produced?
 
-    python -m system.experiments.chaos                    # 50 steps, 13 faults (~15 min on 2 cores)
+    python -m system.experiments.chaos                    # 50 steps, 13 faults (~12 min on 2 cores)
     python -m system.experiments.chaos --steps 24 --checkpoint-every 6 --out /tmp/chaos   # shorter
 
 Steps:
