@@ -302,19 +302,19 @@ def report(out: Path, args, schedule: list[Fault], submissions: list[dict], clea
         "|---:|---|---|---|---:|",
         *rows,
         "",
-        f"faults injected: {len(faults)} of {len(schedule)} scheduled"
+        f"- faults injected: {len(faults)} of {len(schedule)} scheduled"
         + (f" (never reached: {missing})" if missing else "") + f"; survived: {survived}",
-        f"restarts: {len(submissions) - 1} of the run (submissions' exit codes "
+        f"- restarts: {len(submissions) - 1} of the run (submissions' exit codes "
         f"{[s['rc'] for s in submissions]}, each after the first resubmitted with trainer.resume=auto)"
         f", {workers} of workers by Ray",
-        f"worker recoveries: {len(recoveries)}, {sum(recoveries):.1f}s in them, the longest "
+        f"- worker recoveries: {len(recoveries)}, {sum(recoveries):.1f}s in them, the longest "
         f"{max(recoveries, default=0):.1f}s (from the failed call noticed to the workers back)",
-        f"seconds lost, summed over the faults: {lost_total:.0f}; wall time: chaos run {chaos_s:.0f}s "
+        f"- seconds lost, summed over the faults: {lost_total:.0f}; wall time: chaos run {chaos_s:.0f}s "
         f"(all submissions), fault-free run and control {clean_s:.0f}s (one driver, one start-up)",
-        f"final weights, chaos vs fault-free: {compare(chaotic, clean)}"
+        f"- final weights, chaos vs fault-free: {compare(chaotic, clean)}"
         + (f" (the update of step {', '.join(map(str, nan_steps))} skipped for its NaN gradients, by "
            f"design)" if nan_steps else ""),
-        f"final weights, chaos vs control (fault-free but the same update skipped): "
+        f"- final weights, chaos vs control (fault-free but the same update skipped): "
         f"{compare(chaotic, control)}",
     ]
     return "\n".join(lines)
