@@ -18,6 +18,37 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 
+PLACEMENT_TIMEOUT_S = 600.0  # a group not placed in this long is an error (the cluster is busy)
+_PLACEMENT_NOTICE_S = 15.0  # after this long, say what the group waits for
+
+
+def _wait_placed(pg, name: str, num: int, bundle: dict, timeout_s: float = PLACEMENT_TIMEOUT_S) -> None:
+    """Wait for the group's placement group. The cluster's totals were checked before (system/
+    resources.py), so a wait means other actors or jobs hold what it needs: say so after a few
+    seconds, and stop with one line naming the group and what is free after timeout_s."""
+    from system.resources import ResourceError
+
+    ready = pg.ready()
+    if ray.wait([ready], timeout=min(_PLACEMENT_NOTICE_S, timeout_s))[0]:
+        return
+    want = f"the {name} group ({num} x {_fmt(bundle)})"
+    print(f"[placement] waiting for {want}: the cluster has {_fmt(ray.available_resources())} free "
+          f"now, other actors or jobs hold the rest", flush=True)
+    if ray.wait([ready], timeout=max(0.0, timeout_s - _PLACEMENT_NOTICE_S))[0]:
+        return
+    free = _fmt(ray.available_resources())
+    remove_placement_group(pg)
+    raise ResourceError(f"{want} could not be placed in {timeout_s:g}s: the cluster has {free} free; "
+                        f"stop what holds the rest, or ask for less ({name}.num_cpus, {name}.num_gpus)")
+
+
+def _fmt(resources: dict) -> str:
+    """CPU, GPU and custom resources, without Ray's per-node, memory and placement-group entries."""
+    skip = ("node:", "memory", "object_store_memory", "accelerator_type:")
+    shown = {k: v for k, v in resources.items() if not k.startswith(skip) and "_group_" not in k}
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(shown.items())) + "}"
+
+
 def _load(path: str):
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -35,7 +66,7 @@ class ActorGroup:
         # an empty group (no reference workers with reference.source=adapters_off) places nothing
         self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy) if num else None
         if self.pg is not None:
-            ray.get(self.pg.ready(), timeout=600)
+            _wait_placed(self.pg, name, num, bundle)
         remote_cls = ray.remote(_load(cls_path))
         env = dict(env or {})
         if not num_gpus:  # Ray 2.60 leaves a GPU node's devices visible to an actor with none

@@ -13,16 +13,17 @@ hold no state. docs/design.md (sections 3 and 4) has the whole picture.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from typing import Callable
 import os
 
 import ray
 
 from system.actor_group import ActorGroup, placement_line
-from system.config import ConfigError, lora_sync_mode
+from system.config import ConfigError
 from system.faults import ChecksumMismatch
 from system.metrics import Phases
+from system.settings import LEARNER_PROCESS_FIELDS, learner_settings
 
 
 def quiet_third_party(cfg) -> dict:
@@ -33,35 +34,6 @@ def quiet_third_party(cfg) -> dict:
     if cfg.learner.num_gpus == 0:
         env["DS_ACCELERATOR"] = "cpu"
     return env
-
-
-def learner_settings(cfg) -> dict:
-    """What a learner rank is built and trained with (workers/learner.py)."""
-    c, lr = cfg, cfg.learner
-    rows = c.trainer.prompts_per_step * c.rollout.group_size
-    return {"torch_threads": c.ray.torch_threads, "seed": c.seed, "dtype": c.model.dtype,
-            "gradient_checkpointing": lr.gradient_checkpointing,
-            "ref_transport": "hidden" if c.reference.source == "adapters_off" else c.reference.transport,
-            "temperature": c.rollout.temperature, "lora": dataclasses.asdict(lr.lora),
-            "sync_mode": lora_sync_mode(c),
-            "optimizer": lr.optimizer, "lr": lr.lr, "betas": list(lr.betas),
-            "weight_decay": lr.weight_decay, "warmup_steps": lr.warmup_steps,
-            "micro_batch": rows // (lr.num_ranks * lr.minibatches), "grad_clip": lr.grad_clip,
-            "zero_stage": lr.zero_stage, "chunk_size": lr.chunk_size,
-            "minibatches": lr.minibatches, "epochs": lr.epochs, "kl_mode": c.algo.kl.mode,
-            "pi_old": c.algo.pi_old, "rollout_correction": c.algo.rollout_correction,
-            "tis_cap": c.algo.tis_cap, "mis_bounds": list(c.algo.mis_bounds),
-            "mis_level": c.algo.mis_level,
-            "kl_coef": c.algo.kl.coef, "kl_seq_weight": c.algo.kl.seq_weight,
-            "kl_prefix_cap": c.algo.kl.prefix_cap, "clip_low": c.algo.clip_low,
-            "clip_high": c.algo.clip_high, "dual_clip": c.algo.dual_clip,
-            "aggregation": c.algo.aggregation, "max_len": c.rollout.max_new_tokens,
-            "nan_loss_at": list(c.faults.nan_loss_at), "nan_grad_at": list(c.faults.nan_grad_at)}
-
-
-# learner settings that shape the processes or the weights the rollout workers hold: a run that
-# changes one of them needs new actors; the others go to the learners with reset()
-_LEARNER_PROCESS_KEYS = ("torch_threads", "dtype", "ref_transport", "lora", "sync_mode")
 
 
 def _vllm_kwargs(cfg) -> dict:
@@ -83,7 +55,7 @@ def startup_key(cfg, model_path: str) -> tuple:
             c.rollout.num_workers, sorted(_vllm_kwargs(c).items()), c.reference.source,
             c.reference.num_workers, c.reference.transport, c.reference.micro_batch,
             c.faults.max_actor_restarts, c.sync.backend, c.sync.timeout_s, repr(groups),
-            repr([settings[k] for k in _LEARNER_PROCESS_KEYS]), sorted(quiet_third_party(c).items()))
+            repr([getattr(settings, k) for k in LEARNER_PROCESS_FIELDS]), sorted(quiet_third_party(c).items()))
 
 
 class Actors:
@@ -166,11 +138,16 @@ class Actors:
         self.learners = self.rollout = self.reference = None
 
     def _arm(self, cfg) -> None:
-        """Testing aids (faults.corrupt_sync_at): rollout worker 0 loads one weight wrong in the
-        first `n` syncs of each version listed n times. Nothing in real runs."""
-        corrupt = list(cfg.faults.corrupt_sync_at)
+        """Testing aids, armed at run time (nothing in real runs): rollout worker 0 loads one weight
+        wrong in the first `n` syncs of each version listed n times in faults.corrupt_sync_at; the
+        learners make the loss (faults.nan_loss_at) or the gradients (faults.nan_grad_at) of those
+        training steps NaN."""
+        f = cfg.faults
+        refs = self.learners.call_async("arm_nonfinite", list(f.nan_loss_at), list(f.nan_grad_at))
         if len(self.rollout):
-            ray.get(self.rollout.actors[0].corrupt_syncs.remote({v: corrupt.count(v) for v in corrupt}))
+            corrupt = list(f.corrupt_sync_at)
+            refs.append(self.rollout.actors[0].corrupt_syncs.remote({v: corrupt.count(v) for v in corrupt}))
+        ray.get(refs)
 
     # ---- the weight sync --------------------------------------------------------------------
     def init_sync(self) -> None:
@@ -211,8 +188,8 @@ class ActorPool:
 
     take() resets the held actors for a run whose config allows it (Actors.reusable), else stops
     them and starts new ones; give_back(clean) keeps them for the next run only after a clean run
-    (finished, no worker restarted: Ray's restart budget and every process's state are then what a
-    fresh start gives), and stops them otherwise. keep=False (a single run) always stops them."""
+    (finished, or stopped by the driver or Ctrl-C, with no worker dead or restarted: Ray's restart
+    budget and every process's state are then what a fresh start gives), and stops them otherwise. keep=False (a single run) always stops them."""
 
     def __init__(self, keep: bool = True):
         self.keep, self.actors = keep, None
@@ -230,8 +207,9 @@ class ActorPool:
             raise
         return self.actors
 
-    def give_back(self, clean: bool) -> None:
-        if not (clean and self.keep):
+    def give_back(self, clean: Callable[[], bool]) -> None:
+        """clean() (asked only when the pool keeps actors: it probes them) says they can serve again."""
+        if not (self.keep and clean()):
             self.close()
 
     def close(self) -> None:

@@ -196,7 +196,11 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int
     with RewardPool(specs, cfg.reward.num_workers, cfg.reward.timeout_s,
                     memory_limit_mb=cfg.reward.memory_limit_mb) as rewards:
         try:
-            actors = pool.take(cfg, model_path)
+            try:
+                actors = pool.take(cfg, model_path)
+            except ResourceError as err:  # placement waited past its limit: the cluster is busy
+                print(f"resource error: {err}", file=sys.stderr)
+                return 2
             trainer = Trainer(cfg, actors, tokenizer, prompts, run.path, rewards)
             run.begin(to_yaml(cfg))
             total = time.perf_counter() - t0
@@ -211,11 +215,11 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int
                 result = trainer.fit(logger, bar)
             trainer.save_policy(os.path.join(run.path, "final"))
             done = True
-        except RunStopped:  # stopped by the driver: the actors are idle (if none of them died)
-            done = True
+        except (RunStopped, KeyboardInterrupt):  # stopped by the driver or the user: the actors
+            done = True  # finish what they were asked (if none of them died), then are idle
             raise
         finally:  # fresh actors for the next run unless these are the ones it started, all idle
-            pool.give_back(done and trainer is not None and trainer.faults.actors_as_started())
+            pool.give_back(lambda: done and trainer is not None and trainer.faults.actors_as_started())
             if logger is not None:
                 logger.close()
     if not embedded and ray.is_initialized():  # no actor output may arrive after the summary

@@ -14,15 +14,44 @@ import pytest
 _STARTUP_LOG = os.path.join(tempfile.mkdtemp(prefix="grpo-startups-"), "startups")
 
 
+_BY_TEST: dict[str, int] = {}
+
+
+def _startups() -> int:
+    if not os.path.exists(_STARTUP_LOG):
+        return 0
+    with open(_STARTUP_LOG) as f:
+        return sum(1 for _ in f)
+
+
 def pytest_configure(config):
     os.environ["GRPO_STARTUP_LOG"] = _STARTUP_LOG
 
 
+def pytest_collection_modifyitems(items):
+    """Within each directory, the tests marked leaves_no_actors (they kill actors, or run another
+    model) go last: the others then run one after another on the session's actor pool."""
+    first_seen: dict = {}
+    for item in items:
+        first_seen.setdefault(item.path.parent, len(first_seen))
+    items.sort(key=lambda item: (first_seen[item.path.parent],
+                                 item.get_closest_marker("leaves_no_actors") is not None))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    before = _startups()
+    try:
+        return (yield)
+    finally:
+        if _startups() > before:
+            _BY_TEST[item.nodeid] = _startups() - before
+
+
 def pytest_terminal_summary(terminalreporter):
-    if os.path.exists(_STARTUP_LOG):
-        with open(_STARTUP_LOG) as f:
-            count = sum(1 for _ in f)
-        terminalreporter.write_line(f"pipeline start-ups in this session: {count}")
+    terminalreporter.write_line(f"pipeline start-ups in this session: {_startups()}")
+    for nodeid, count in _BY_TEST.items():
+        terminalreporter.write_line(f"  {count}  {nodeid}")
 
 
 @pytest.fixture(scope="session")

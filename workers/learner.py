@@ -35,11 +35,12 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from system.algo.kl import get_kl_mode, loss_kl, sampled_kl
+from system.algo.kl import loss_kl, sampled_kl
 from system.algo.kl_seq import seq_kl_term, sequence_kl
 from system.algo.losses import grpo_loss
-from system.algo.off_policy import CorrectionSettings, rollout_correction
+from system.algo.off_policy import rollout_correction
 from system.config import ConfigError
+from system.settings import LearnerSettings
 from workers.common import load_causal_lm, output_head_problem, seed_all, setup_process
 from workers.lora import adapter_view, apply_lora, full_view, merged_view
 from workers.policy import PolicyWithHead
@@ -48,12 +49,11 @@ from workers.weight_sync import Bucket, Digest, SyncGroup, TensorMeta, listen, p
 DS_GROUP_TIMEOUT = datetime.timedelta(minutes=10)  # DeepSpeed's own default for its group
 
 
-# learner.optimizer: (parameters, learner cfg) -> torch optimizer. SGD without momentum moves the
-# weights by exactly -lr * gradient, so tests can see the gradient itself (AdamW ignores its scale).
+# learner.optimizer: (parameters, LearnerSettings) -> torch optimizer. SGD without momentum moves
+# the weights by exactly -lr * gradient, so tests can see the gradient itself (AdamW ignores its scale).
 OPTIMIZERS = {
-    "adamw": lambda params, c: torch.optim.AdamW(params, lr=c["lr"], betas=tuple(c["betas"]),
-                                                 weight_decay=c["weight_decay"]),
-    "sgd": lambda params, c: torch.optim.SGD(params, lr=c["lr"], weight_decay=c["weight_decay"]),
+    "adamw": lambda params, s: torch.optim.AdamW(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay),
+    "sgd": lambda params, s: torch.optim.SGD(params, lr=s.lr, weight_decay=s.weight_decay),
 }
 
 
@@ -64,9 +64,10 @@ def _dense(packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class LearnerWorker:
-    def __init__(self, rank: int, world_size: int, model_path: str, cfg: dict):
-        self.rank, self.world_size, self.cfg = rank, world_size, cfg
-        self.device = setup_process(cfg["torch_threads"], cfg["seed"] + 1000 * rank)
+    def __init__(self, rank: int, world_size: int, model_path: str, settings: LearnerSettings):
+        self.rank, self.world_size, self.settings = rank, world_size, settings
+        self.device = setup_process(settings.torch_threads, settings.seed + 1000 * rank)
+        self.nonfinite_at: dict[str, tuple] = {"loss": (), "grad": ()}  # testing aid: arm_nonfinite
         self.engine = None
         self.grad_norm: float | None = None  # of the last step, where DeepSpeed does not report it
         self.sync: SyncGroup | None = None
@@ -96,58 +97,59 @@ class LearnerWorker:
                                    timeout=DS_GROUP_TIMEOUT)
 
     def build(self) -> dict:
-        c = self.cfg
-        policy = load_causal_lm(self.model_path, c["dtype"], self.device)
+        s = self.settings
+        policy = load_causal_lm(self.model_path, s.dtype, self.device)
         problem = output_head_problem(policy)
         if problem:
             raise ConfigError(f"model.path: {problem}")
-        if c.get("gradient_checkpointing"):
+        if s.gradient_checkpointing:
             policy.gradient_checkpointing_enable()
         ref_head = None
-        if c["ref_transport"] == "hidden":  # the reference model is the starting policy
+        if s.ref_transport == "hidden":  # the reference model is the starting policy
             ref_head = policy.get_output_embeddings().weight.detach().clone()
         if self.lora:
-            if c.get("gradient_checkpointing"):  # the frozen embeddings' output must carry grad
+            if s.gradient_checkpointing:  # the frozen embeddings' output must carry grad
                 policy.enable_input_require_grads()
-            policy = apply_lora(policy, c["lora"])
-        module = PolicyWithHead(policy, ref_head, c.get("temperature", 1.0))
+            policy = apply_lora(policy, s.lora)
+        module = PolicyWithHead(policy, ref_head, s.temperature)
         trainable = [p for p in module.policy.parameters() if p.requires_grad]
-        optimizer = OPTIMIZERS[c.get("optimizer", "adamw")](trainable, c)
-        warmup = max(1, c["warmup_steps"])
+        optimizer = OPTIMIZERS[s.optimizer](trainable, s)
+        warmup = max(1, s.warmup_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
         ds_config = {
-            "train_micro_batch_size_per_gpu": c["micro_batch"],
+            "train_micro_batch_size_per_gpu": s.micro_batch,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": c["grad_clip"],
-            "zero_optimization": {"stage": c["zero_stage"]},
-            "bf16": {"enabled": c["dtype"] == "bfloat16"},
+            "gradient_clipping": s.grad_clip,
+            "zero_optimization": {"stage": s.zero_stage},
+            "bf16": {"enabled": s.dtype == "bfloat16"},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-        if c["zero_stage"] == 3:
+        if s.zero_stage == 3:
             deepspeed.zero.register_external_parameter(self.engine.module, module.head_weight())
         self.engine.eval()  # update() switches to training mode for its own duration
         self.views = self._sync_views()
         return {"params": sum(p.numel() for p in module.policy.parameters()),
                 "trainable": sum(p.numel() for p in trainable)}
 
-    def reset(self, cfg: dict) -> dict:
+    def reset(self, settings: LearnerSettings) -> dict:
         """Back to the state a fresh start gives, with these settings (the next run on the same
         processes, system/actors.py): generators seeded as at start, the engine rebuilt from the
         model (weights, optimizer, schedule), policy version 0. The process groups stay."""
-        self.cfg = cfg
+        self.settings = settings
         self.engine = self.shard = self.views = None
+        self.nonfinite_at = {"loss": (), "grad": ()}
         gc.collect()
-        seed_all(cfg["seed"] + 1000 * self.rank)
+        seed_all(settings.seed + 1000 * self.rank)
         self.version, self.grad_norm = 0, None
         return self.build()
 
     @property
     def lora(self) -> bool:
-        return self.cfg.get("lora", {}).get("rank", 0) > 0
+        return self.settings.lora_rank > 0
 
     def _sync_views(self) -> dict:
         """{"held": the policy as rollout workers hold it, "sent": what a sync sends} (workers/lora.py)."""
@@ -155,7 +157,7 @@ class LearnerWorker:
         if not self.lora:
             return {"held": full_view(policy), "sent": full_view(policy)}
         held = merged_view(policy)
-        return {"held": held, "sent": adapter_view(policy) if self.cfg["sync_mode"] == "adapters" else held}
+        return {"held": held, "sent": adapter_view(policy) if self.settings.sync_mode == "adapters" else held}
 
     # ---- one training step --------------------------------------------------------------------
     def prepare(self, shard: dict, ref_rows: torch.Tensor) -> dict:
@@ -167,12 +169,12 @@ class LearnerWorker:
         pass on it; otherwise, and for `proximal`, it is the current policy's, computed here. With
         `proximal` and the sampler's log-probs, the rollout correction's weight and the mismatch
         statistics come from the two. Both keep the model's dtype (float64 stays float64)."""
-        c, mask = self.cfg, shard["loss_mask"]
+        s, mask = self.settings, shard["loss_mask"]
         tokens = shard["input_ids"][:, 1:][mask.bool()]
-        module, chunk, dev = self.engine.module, c["chunk_size"], self.device
+        module, chunk, dev = self.engine.module, s.chunk_size, self.device
         self.engine.eval()  # pi_old, pi_prox and pi_ref without dropout
         sampler_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
-        proximal = c.get("pi_old", "sampler") == "proximal" or sampler_logp is None
+        proximal = s.pi_old == "proximal" or sampler_logp is None
         if ref_rows is None:  # reference.source=adapters_off: pi_ref is the base, adapters disabled
             ref_rows = torch.cat([module.base_hidden_at(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
                                                         mb["loss_mask"].to(dev)).cpu()
@@ -183,7 +185,7 @@ class LearnerWorker:
             hidden = [module.hidden_at(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
                                        mb["loss_mask"].to(dev)) for mb in self._minibatches(shard)
                       ] if proximal else []
-            with _gathered([module.head_weight()], c["zero_stage"]):
+            with _gathered([module.head_weight()], s.zero_stage):
                 olds = [module.logprobs(h, mb["tokens"].to(dev), chunk).cpu()
                         for h, mb in zip(hidden, self._minibatches(shard))]
                 ref_logp = module.ref_logprobs(ref_rows.to(dev), tokens.to(dev), chunk)
@@ -192,16 +194,15 @@ class LearnerWorker:
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
         out = {"k1": (old_logp - ref_logp) * mask, "tokens": int(mask.sum())}
         if proximal and sampler_logp is not None:
-            settings = CorrectionSettings(c["tis_cap"], tuple(c["mis_bounds"]), c["mis_level"])
-            weight, stats = rollout_correction(old_logp, sampler_logp, mask, c["rollout_correction"],
-                                               settings)
+            weight, stats = rollout_correction(old_logp, sampler_logp, mask, s.rollout_correction,
+                                               s.correction)
             self.shard["pg_weight"] = weight  # [B, T]
             out["mismatch"] = {**{k: float(v) for k, v in stats.items()}, "tokens": out["tokens"]}
         return out
 
     def _minibatches(self, shard: dict) -> list[dict]:
-        """Split the shard (rows ordered by minibatch already) into cfg['minibatches'] parts."""
-        n, k = shard["input_ids"].shape[0], self.cfg["minibatches"]
+        """Split the shard (rows ordered by minibatch already) into learner.minibatches parts."""
+        n, k = shard["input_ids"].shape[0], self.settings.minibatches
         size = n // k
         out, row_offset = [], 0
         counts = shard["loss_mask"].sum(-1).long()
@@ -231,7 +232,7 @@ class LearnerWorker:
         # the mode only through engine.train(): without it gradient checkpointing is silently off
         self.engine.train()
         try:
-            for _ in range(self.cfg["epochs"]):
+            for _ in range(self.settings.epochs):
                 for i, mb in enumerate(self._minibatches(shard)):
                     loss, logp_p, stats = self._minibatch_loss(mb, normalizers[i], first=not steps)
                     loss = self._inject_nonfinite(loss, logp_p)
@@ -248,28 +249,26 @@ class LearnerWorker:
     def _minibatch_loss(self, mb: dict, normalizer: float, first: bool):
         """The loss of one minibatch on this rank (its share under the whole minibatch's
         normalizer), the packed log-probs [M], and this step's statistics (floats)."""
-        c = self.cfg
-        mode = get_kl_mode(c["kl_mode"])
+        s = self.settings
         dev = {k: v.to(self.device) for k, v in mb.items() if torch.is_tensor(v)}
         lo, hi = mb["row_slice"]
         ref_rows = self.shard["ref_rows"][lo:hi].to(self.device)
         logp_p, kl_p, ent_p = self.engine(dev["input_ids"], dev["attention_mask"],
-                                          dev["loss_mask"], ref_rows, c["chunk_size"])
+                                          dev["loss_mask"], ref_rows, s.chunk_size)
         mask = dev["loss_mask"].float()
         logp, full_kl = _dense(logp_p, mask), _dense(kl_p, mask)  # [B, T]
-        kl = loss_kl(mode, logp=logp, ref_logp=dev["ref_logp"], old_logp=dev["old_logp"],
+        kl = loss_kl(s.kl, logp=logp, ref_logp=dev["ref_logp"], old_logp=dev["old_logp"],
                      full_kl=full_kl)
         seq_metrics = {}
-        if mode.sequence:  # the KL-to-go score term: the gradient of the sequence KL
+        if s.kl.sequence:  # the KL-to-go score term: the gradient of the sequence KL
             kl, seq_metrics = seq_kl_term(
                 full_kl, logp, dev["old_logp"], mask, baseline=dev.get("kl_baseline"),
-                weighting=c["kl_seq_weight"], cap=c["kl_prefix_cap"], pg_weight=dev.get("pg_weight"),
+                weighting=s.kl_seq_weight, cap=s.kl_prefix_cap, pg_weight=dev.get("pg_weight"),
                 sampler_logp=dev["behavior_logp"] * mask if "behavior_logp" in dev else None)
         loss, metrics = grpo_loss(
             logp, dev["old_logp"], dev["advantages"], mask, kl,
-            clip_low=c["clip_low"], clip_high=c["clip_high"], dual_clip=c["dual_clip"],
-            kl_coef=c["kl_coef"] if mode.in_loss else 0.0, aggregation=c["aggregation"],
-            normalizer=normalizer, max_len=c["max_len"], pg_weight=dev.get("pg_weight"))
+            clip_low=s.clip_low, clip_high=s.clip_high, dual_clip=s.dual_clip, kl_coef=s.kl_coef,
+            aggregation=s.aggregation, normalizer=normalizer, max_len=s.max_len, pg_weight=dev.get("pg_weight"))
         with torch.no_grad():
             n_tok = mask.sum().clamp(min=1)
             k3 = sampled_kl(logp, dev["ref_logp"], "k3")
@@ -283,13 +282,18 @@ class LearnerWorker:
                 stats["behavior_logp_gap"] = (gap * mask).sum() / n_tok
         return loss, logp_p, {k: float(v) for k, v in stats.items()}
 
+    def arm_nonfinite(self, loss_at: list, grad_at: list) -> None:
+        """Testing aid (faults.nan_loss_at / nan_grad_at, armed by system/actors.py): the training
+        steps whose loss is made NaN, and those with a finite loss but NaN gradients."""
+        self.nonfinite_at = {"loss": tuple(loss_at), "grad": tuple(grad_at)}
+
     def _inject_nonfinite(self, loss: torch.Tensor, logp_p: torch.Tensor) -> torch.Tensor:
-        """Testing aids (faults.nan_loss_at / nan_grad_at): at those training steps make the loss
-        NaN, or keep it finite with NaN gradients (sqrt'(0) = inf, times 0)."""
+        """Testing aid (arm_nonfinite): at the armed training steps make the loss NaN, or keep it
+        finite with NaN gradients (sqrt'(0) = inf, times 0)."""
         step = self.version + 1
-        if step in self.cfg.get("nan_loss_at", ()):
+        if step in self.nonfinite_at["loss"]:
             return loss * float("nan")
-        if step in self.cfg.get("nan_grad_at", ()):
+        if step in self.nonfinite_at["grad"]:
             return loss + 0 * torch.sqrt(logp_p.sum() * 0)
         return loss
 
@@ -343,7 +347,7 @@ class LearnerWorker:
         """(name, entry) of a view, each entry's parameters gathered while it is in hand (ZeRO-3:
         every rank must iterate)."""
         for name, entry in view.items():
-            with _gathered(list(entry.params), self.cfg["zero_stage"]):
+            with _gathered(list(entry.params), self.settings.zero_stage):
                 yield name, entry
 
     def weight_buckets(self, bucket_mb: float) -> list[Bucket]:
@@ -376,7 +380,7 @@ class LearnerWorker:
             return ts
 
         with torch.no_grad():
-            if self.cfg["zero_stage"] == 3:  # gather one bucket at a time, every rank joins
+            if self.settings.zero_stage == 3:  # gather one bucket at a time, every rank joins
                 for bucket in buckets:
                     with _gathered([p for m in bucket.tensors for p in sent[m.name].params], 3):
                         if self.rank == 0:
@@ -396,12 +400,12 @@ class LearnerWorker:
     def save_pretrained(self, path: str, tokenizer_path: str) -> None:
         """A Hugging Face directory: the policy, or with LoRA the adapters (peft's format) and,
         with learner.lora.save_merged, the merged model in path/merged."""
-        if self.lora and self.cfg["lora"].get("save_merged"):
+        if self.lora and self.settings.lora["save_merged"]:
             merged = self.weights()
             if self.rank == 0:
-                _save_merged(merged, os.path.join(path, "merged"), self.model_path, self.cfg["dtype"])
+                _save_merged(merged, os.path.join(path, "merged"), self.model_path, self.settings.dtype)
         named = list(self.engine.module.policy.named_parameters())
-        with _gathered([p for _, p in named], self.cfg["zero_stage"]):
+        with _gathered([p for _, p in named], self.settings.zero_stage):
             if self.rank == 0:
                 from transformers import AutoTokenizer
 

@@ -37,7 +37,7 @@ def measure(model_path: str, overrides: list[str], rows: int, prompt: int, respo
     import torch
 
     from system.config import load_config
-    from system.actors import learner_settings
+    from system.settings import learner_settings
     from workers.learner import LearnerWorker
 
     cfg = load_config(os.path.join(ROOT, "configs/debug.yaml"),

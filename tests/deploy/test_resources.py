@@ -88,3 +88,22 @@ def test_bad_custom_resources_name_the_key(override, reason):
 
     with pytest.raises(ConfigError, match=rf"^{override.split('=')[0]}: .*{reason}"):
         _cfg(override)
+
+
+def test_a_group_the_busy_cluster_cannot_place_stops_with_one_line_and_frees_its_reservation(ray_cluster, capsys):
+    """The totals fit but others hold the rest: the wait is announced, then ends in ResourceError
+    naming the group, what it asked for and what is free; nothing stays reserved."""
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    from system.actor_group import _wait_placed
+
+    free = ray.available_resources().get("CPU", 0)
+    pg = placement_group([{"CPU": free + 1}])
+    with pytest.raises(ResourceError) as err:
+        _wait_placed(pg, "rollout", 1, {"CPU": free + 1}, timeout_s=1.0)
+    message = str(err.value)
+    assert "\n" not in message and "the rollout group (1 x {CPU: " in message and "free" in message
+    assert f"CPU: {free:g}" in message and "rollout.num_cpus" in message
+    assert "[placement] waiting for the rollout group" in capsys.readouterr().out
+    assert placement_group_table(pg)["state"] == "REMOVED"

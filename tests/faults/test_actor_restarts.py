@@ -8,7 +8,7 @@ import pytest
 from system import checkpoint
 from tests.faults.conftest import before_steps, ray_kill, sigkill
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
 
 
 def _die_mid_sync(trainer):

@@ -9,7 +9,7 @@ import pytest
 
 from tests.faults.conftest import before_steps, sigkill
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
 
 
 def test_dead_learner_rank_stops_the_run_and_resume_finishes_it(faults_run, monkeypatch):

@@ -14,6 +14,7 @@ no sampler log-probs; algo.pi_old=proximal) and then an update with gradient che
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ def _naive_logprobs(model_path: str, weights: dict, shard: dict, temperature: fl
 
 def main(model_path: str, zero_stage: int) -> dict:
     from system.config import load_config
-    from system.actors import learner_settings
+    from system.settings import learner_settings
     from workers.learner import LearnerWorker
 
     cfg = load_config("configs/debug.yaml", [
@@ -76,17 +77,17 @@ def main(model_path: str, zero_stage: int) -> dict:
     # trainer.rollout_ahead=0: no sampler log-probs, the learner computes pi_old itself
     phase[0] = "prepare"
     worker.prepare(shard, torch.randn(M, H, generator=g))
-    want = _naive_logprobs(model_path, worker.weights(), shard, c["temperature"])
+    want = _naive_logprobs(model_path, worker.weights(), shard, c.temperature)
     out["pi_old_err"] = float((worker.shard["old_logp"][loss_mask.bool()] - want).abs().max())
     phase[0] = "update"
     worker.update(torch.randn(rows, generator=g), [M / 2, M / 2])
     out["checkpointed_update"] = checkpointed[0]
 
     # algo.pi_old=proximal with the sampler's log-probs: pi_prox from the (updated) policy
-    worker.cfg = dict(c, pi_old="proximal")
+    worker.settings = dataclasses.replace(c, pi_old="proximal")
     phase[0] = "prepare"
     worker.prepare(dict(shard, behavior_logp=torch.zeros(rows, L - 1)), torch.randn(M, H, generator=g))
-    want = _naive_logprobs(model_path, worker.weights(), shard, c["temperature"])
+    want = _naive_logprobs(model_path, worker.weights(), shard, c.temperature)
     out["pi_prox_err"] = float((worker.shard["old_logp"][loss_mask.bool()] - want).abs().max())
     phase[0] = "update"
     worker.update(torch.randn(rows, generator=g), [M / 2, M / 2])

@@ -17,7 +17,7 @@ import json
 import pytest
 
 pytest.importorskip("vllm")
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
 
 CPU = ["rollout.num_gpus=0", "reference.num_gpus=0", "learner.num_gpus=0", "rollout.kv_cache_gb=0.25"]
 SIZE = ["trainer.steps=2", "trainer.prompts_per_step=4", "rollout.max_new_tokens=16", "eval.size=4",
@@ -52,7 +52,7 @@ def _datasets(tmp_path, style: str) -> list[str]:
 
 @pytest.mark.parametrize("config, style", [("configs/qwen2.5-0.5b-gsm8k.yaml", "gsm8k"),
                                            ("configs/qwen2.5-1.5b-math.yaml", "math")])
-def test_shipped_config_runs_two_steps_on_cpu(ray_cluster, tiny_qwen, tmp_path, capsys, config, style):
+def test_shipped_config_runs_two_steps_on_cpu(actor_pool, tiny_qwen, tmp_path, capsys, config, style):
     from system.config import load_config
     from system.train import main
 
@@ -60,7 +60,7 @@ def test_shipped_config_runs_two_steps_on_cpu(ray_cluster, tiny_qwen, tmp_path, 
                  *CPU, *SIZE]
     shipped = load_config(config, [f"model.path={tiny_qwen}", *_datasets(tmp_path, style)])
     assert shipped.model.dtype == "bfloat16" and shipped.learner.gradient_checkpointing
-    rc = main(["--config", config, *overrides])
+    rc = main(["--config", config, *overrides], pool=actor_pool)  # the pool's actors make room
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-3000:]
     run = tmp_path / shipped.run_name

@@ -138,8 +138,10 @@ def _check_lora_outputs(run) -> None:
 def test_a_run_on_reused_actors_equals_the_run_that_started_them(ray_cluster, tmp_path):
     """system.actors.ActorPool: the second run resets the first run's actors instead of starting
     its own, and trains exactly as the first did on fresh ones (same metrics, same final weights,
-    bit for bit); a run whose config changes the actors' processes (one learner rank) gets new ones."""
+    bit for bit); a run whose config changes the actors' processes (one learner rank) is refused
+    them (Actors.reusable; take() then starts new ones, as test_pipeline's one-rank run shows)."""
     from system.actors import ActorPool
+    from system.config import load_config
 
     pool = ActorPool()
     try:
@@ -155,7 +157,7 @@ def test_a_run_on_reused_actors_equals_the_run_that_started_them(ray_cluster, tm
         wa = load_file(first / "final" / "model.safetensors")
         wb = load_file(second / "final" / "model.safetensors")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
-        _run(tmp_path, pool, "one_rank", "trainer.steps=1", "learner.num_ranks=1")
-        assert pool.actors is not actors and pool.actors is not None
+        one_rank = load_config("configs/debug.yaml", [*TEST_OVERRIDES, "learner.num_ranks=1"])
+        assert not actors.reusable(one_rank, actors.model_path)  # take() would start new ones
     finally:
         pool.close()

@@ -6,6 +6,7 @@ tied and untied heads, and the dtype kept throughout."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ import torch
 pytest.importorskip("deepspeed")
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
+from system.algo.kl import get_kl_mode  # noqa: E402
+from system.algo.off_policy import CorrectionSettings  # noqa: E402
+from system.config import load_config  # noqa: E402
+from system.settings import learner_settings  # noqa: E402
 from workers.learner import LearnerWorker  # noqa: E402
 from workers.policy import PolicyWithHead  # noqa: E402
 
@@ -79,9 +84,11 @@ def learner(policy, ref, transport: str, kl_mode: str) -> tuple[LearnerWorker, t
     worker = LearnerWorker.__new__(LearnerWorker)
     worker.engine = Engine(PolicyWithHead(policy, ref_head, temperature=T))
     worker.device = torch.device("cpu")
-    worker.cfg = {"chunk_size": 5, "zero_stage": 0, "minibatches": 1, "kl_mode": kl_mode,
-                  "kl_coef": 0.3, "clip_low": 0.2, "clip_high": 0.2, "dual_clip": None,
-                  "aggregation": "token-mean", "max_len": 8, "kl_seq_weight": "token", "kl_prefix_cap": 0.0}
+    worker.settings = dataclasses.replace(
+        learner_settings(load_config("configs/debug.yaml")), chunk_size=5, zero_stage=0, minibatches=1,
+        kl=get_kl_mode(kl_mode), kl_coef=0.3, clip_low=0.2, clip_high=0.2, dual_clip=None,
+        aggregation="token-mean", max_len=8, kl_seq_weight="token", kl_prefix_cap=0.0, pi_old="sampler")
+    worker.nonfinite_at = {"loss": (), "grad": ()}
     with torch.no_grad():
         out = ref(input_ids=s["input_ids"], attention_mask=s["attention_mask"], output_hidden_states=True)
         rows = out.hidden_states[-1] if transport == "hidden" else out.logits
@@ -157,7 +164,8 @@ def proximal_learner(kl_mode: str, **cfg):
     policy = copy.deepcopy(sampler)
     drift(policy, 0.3, seed=4)  # k updates later: far enough that some weights are corrected
     worker, ref_rows = learner(policy, ref, "hidden", kl_mode)
-    worker.cfg.update(pi_old="proximal", tis_cap=1.5, mis_bounds=[0.6, 1.5], mis_level="token", **cfg)
+    worker.settings = dataclasses.replace(worker.settings, pi_old="proximal",
+                                          correction=CorrectionSettings(1.5, (0.6, 1.5), "token"), **cfg)
     s = shard()
     mask = s["loss_mask"].bool()
     tokens = s["input_ids"][:, 1:][mask]  # [M]
@@ -224,7 +232,7 @@ def full_seq_setup(weighting: str, cap: float = 0.0):
     policy = copy.deepcopy(ref)
     drift(policy, 0.05, seed=2)  # pi_old != pi_ref
     worker, ref_rows = learner(policy, ref, "hidden", "full_seq")
-    worker.cfg.update(kl_seq_weight=weighting, kl_prefix_cap=cap)
+    worker.settings = dataclasses.replace(worker.settings, kl_seq_weight=weighting, kl_prefix_cap=cap)
     return ref, policy, worker, ref_rows
 
 

@@ -18,9 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 JOIN = """
 import torch
 from deepspeed.comm import comm
+from system.config import load_config
+from system.settings import learner_settings
 from workers.learner import LearnerWorker
 
-learner = LearnerWorker(0, 1, "unused", {"torch_threads": 1, "seed": 0})
+learner = LearnerWorker(0, 1, "unused", learner_settings(load_config("configs/debug.yaml")))
 learner.init_process_group(*learner.address())
 flag = torch.ones(1)
 torch.distributed.all_reduce(flag)

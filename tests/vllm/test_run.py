@@ -10,7 +10,7 @@ import pytest
 from tests.faults.conftest import before_steps, sigkill
 from tests.vllm.conftest import VLLM_OVERRIDES, alive, engine_processes
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
 
 
 def test_debug_run_on_vllm_survives_a_killed_rollout_worker_and_leaves_no_engine_behind(

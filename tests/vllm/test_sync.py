@@ -15,12 +15,14 @@ CORRUPTED = 7  # the policy version whose first sync rollout worker 0 loads one 
 
 
 @pytest.fixture(scope="module")
-def trainer(ray_cluster, tmp_path_factory):
-    # a large learning rate, so that two updates change the greedy answers
+def trainer(actor_pool, tmp_path_factory):
+    # a large learning rate, so that two updates change the greedy answers; on the session's
+    # actors, which test_run.py then uses too
     t = build_trainer(tmp_path_factory.mktemp("vllm_sync"),
-                      [*VLLM_OVERRIDES, "learner.lr=1e-2", f"faults.corrupt_sync_at=[{CORRUPTED}]"])
+                      [*VLLM_OVERRIDES, "learner.lr=1e-2", f"faults.corrupt_sync_at=[{CORRUPTED}]"],
+                      pool=actor_pool)
     yield t
-    stop_trainer(t)
+    stop_trainer(t, actor_pool)
 
 
 def _heldout(trainer) -> list[list[int]]:
