@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from system import chaos
 from system.chaos import Fault
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]  # the faulty run restarts workers
 
 # on-policy: a redone step samples again with the same policy and seeds (docs/reliability.md)
 ARGS = ("trainer.steps=3", "trainer.rollout_ahead=0", "sync.bucket_mb=0.25", "sync.timeout_s=60")
@@ -22,7 +22,7 @@ def test_a_run_with_faults_ends_with_the_weights_of_the_run_without(faults_run, 
         with chaos.installed(hook):
             return faults_run(name, *ARGS, *hook.overrides())
 
-    clean = run("clean", [])  # first: it reuses the session's actors, the faulty run leaves new ones
+    clean = run("clean", [])  # first: the faulty run, which restarts workers, leaves no actors
     assert clean.rc == 0, clean.err
     faulty = run("faulty", [Fault(1, "sync_corrupted"), Fault(2, "rollout_killed_generating"),
                             Fault(2, "reference_killed"), Fault(3, "rollout_killed_mid_sync")])
