@@ -53,7 +53,8 @@ def startup_key(cfg, model_path: str) -> tuple:
     # the seed reaches the processes only through vLLM's engine (HF generate is seeded per call)
     return (model_path, c.seed if c.rollout.backend == "vllm" else None, c.ray.torch_threads, c.learner.num_ranks, c.rollout.backend,
             c.rollout.num_workers, sorted(_vllm_kwargs(c).items()), c.reference.source,
-            c.reference.num_workers, c.reference.transport, c.reference.micro_batch,
+            c.reference.num_workers, c.reference.transport, c.reference.max_tokens_per_micro_batch,
+            c.reference.packing, c.model.attn_implementation,
             c.faults.max_actor_restarts, c.sync.backend, c.sync.timeout_s, repr(groups),
             repr([getattr(settings, k) for k in LEARNER_PROCESS_FIELDS]), sorted(quiet_third_party(c).items()))
 
@@ -103,7 +104,9 @@ class Actors:
                 0 if c.reference.source == "adapters_off" else c.reference.num_workers,
                 c.reference.num_cpus, c.reference.num_gpus,
                 lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
-                           {"micro_batch": c.reference.micro_batch}), env,
+                           {"max_tokens": c.reference.max_tokens_per_micro_batch,
+                            "packed": c.reference.packing == "on",
+                            "attn_implementation": c.model.attn_implementation}), env,
                 max_restarts=c.faults.max_actor_restarts, resources=c.reference.resources)
         with phase("learner processes + imports + process group"):
             self.learners.init_collective()

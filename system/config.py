@@ -34,6 +34,9 @@ class ModelConfig:
     path: str = MISSING  # HF model directory, or "debug" for the tiny model the project builds
     dtype: str = "float32"  # parameter dtype for the learner: float32 | bfloat16
     trust_remote_code: bool = False  # passed to from_pretrained
+    # attention of the learner and reference models: sdpa | eager | flash_attention_2 (GPU, the
+    # flash-attn package; runs packed rows without padding) | flex_attention
+    attn_implementation: str = "sdpa"
     debug_cache: str = ".cache/debug_model"  # debug model build cache (made absolute; shared storage on clusters)
     debug_settings: dict = field(default_factory=dict)  # overrides of system.debug_model.DEFAULT_SETTINGS (size, warm start)
 
@@ -107,7 +110,8 @@ class ReferenceConfig:
     num_gpus: float = 0.0  # GPUs per reference actor
     num_cpus: float = 1.0  # CPUs per reference actor
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
-    micro_batch: int = 64  # sequences per reference forward
+    max_tokens_per_micro_batch: int = 32768  # tokens per forward: rows x longest row (packed: their sum)
+    packing: str = "auto"  # on: packed rows, no padding | off: padded per micro-batch | auto: on where attention skips padding
 
 
 @dataclass
@@ -138,6 +142,8 @@ class LearnerConfig:
     num_cpus: float = 1.0  # CPUs per learner rank
     resources: dict = field(default_factory=dict)  # custom Ray resources per actor: placement on tagged nodes
     gradient_checkpointing: bool = False  # recompute activations in backward
+    max_tokens_per_micro_batch: int = 16384  # tokens per forward/backward: rows x longest row (packed: their sum)
+    packing: str = "auto"  # on: packed rows, no padding | off: padded per micro-batch | auto: on where attention skips padding
     lora: LoraConfig = field(default_factory=LoraConfig)  # LoRA adapters (rank 0: off)
 
 
@@ -307,6 +313,8 @@ def _merge(layers: list):
 MOVED_KEYS = {
     "model.debug_settings.task": "the synthetic task's settings moved to data.synthetic "
                                  "(e.g. data.synthetic.show_steps=true)",
+    "reference.micro_batch": "replaced by reference.max_tokens_per_micro_batch, a token budget per "
+                             "reference forward (e.g. 32768)",
     "rollout.return_logprobs": "removed: the sampler's log-probs are kept whenever algo.pi_old, "
                                "algo.rollout_correction or trainer.rollout_ahead need them",
 }
@@ -352,6 +360,11 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
             cfg.sync.backend = "nccl" if _own_gpus(cfg.learner) and _own_gpus(cfg.rollout) else "gloo"
         if cfg.sync.lora == "auto" and cfg.learner.lora.rank > 0:  # the hf backend merges adapters itself
             cfg.sync.lora = "adapters" if cfg.rollout.backend == "hf" else "merged"
+        for role in (cfg.learner, cfg.reference):  # packed rows where attention skips padding
+            # YAML reads a bare on/off as a boolean, which the str field holds as "True"/"False"
+            role.packing = {"True": "on", "False": "off"}.get(role.packing, role.packing)
+            if role.packing == "auto":
+                role.packing = "on" if packs_for_free(cfg.model.attn_implementation, role.num_gpus) else "off"
         if cfg.rollout.enforce_eager is None:  # CUDA graphs on GPU; the CPU build runs eager only
             cfg.rollout.enforce_eager = cfg.rollout.num_gpus == 0
     except ConfigError:
@@ -409,7 +422,7 @@ def validate(cfg: Config) -> None:
     _check(cfg.reference.num_workers >= 1, "reference.num_workers", "must be >= 1")
     _check(cfg.reference.transport in ("hidden", "logits"), "reference.transport",
            "must be hidden or logits")
-    _check(cfg.reference.micro_batch >= 1, "reference.micro_batch", "must be >= 1")
+    _validate_micro_batches(cfg)
 
     lr = cfg.learner
     _check(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
@@ -490,6 +503,37 @@ def _validate_numbers(cfg, prefix: str = "") -> None:
     if not prefix:
         _check(cfg.trainer.resume in ("none", "auto") or os.path.isdir(cfg.trainer.resume),
                "trainer.resume", f"{cfg.trainer.resume!r} must be none, auto or a checkpoint directory")
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flex_attention")
+
+
+def packs_for_free(attn_implementation: str, num_gpus: float) -> bool:
+    """Whether packed rows cost no attention on padding: FlashAttention 2's varlen kernels and flex
+    attention's block mask skip across sequences; SDPA and eager compute the whole [S, S] scores
+    of a packed row under a block-diagonal mask (transformers' masking_utils), which on long
+    responses costs more than per-micro-batch padding. On a GPU only."""
+    return num_gpus > 0 and attn_implementation in ("flash_attention_2", "flex_attention")
+
+
+def _validate_micro_batches(cfg: Config) -> None:
+    """model.attn_implementation and the roles' token budgets and packing (auto resolved at load)."""
+    attn = cfg.model.attn_implementation
+    _check(attn in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+           f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    roles = ["learner"] + (["reference"] if cfg.reference.source != "adapters_off" else [])
+    for role in roles:
+        rc = getattr(cfg, role)
+        _check(rc.packing in ("auto", "on", "off"), f"{role}.packing", "must be auto, on or off")
+        _check(rc.max_tokens_per_micro_batch >= 2, f"{role}.max_tokens_per_micro_batch", "must be >= 2")
+        if attn == "flash_attention_2":
+            _check(rc.num_gpus > 0, "model.attn_implementation",
+                   f"flash_attention_2 runs on GPU only, and {role}.num_gpus=0: use sdpa")
+        if cfg.data.source == "file":  # the longest row a batch can hold must fit one micro-batch
+            longest = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+            _check(rc.max_tokens_per_micro_batch >= longest, f"{role}.max_tokens_per_micro_batch",
+                   f"{rc.max_tokens_per_micro_batch} is less than the longest row, data.max_prompt_tokens "
+                   f"+ rollout.max_new_tokens = {longest}: raise it to at least {longest}")
 
 
 def _validate_synthetic(task: SyntheticTaskConfig) -> None:
@@ -636,7 +680,8 @@ IGNORED_KEYS = [
     ("sync.lora", lambda c: c.learner.lora.rank == 0, "learner.lora.rank=0", "the full weights are sent"),
     *[(f"reference.{k}", lambda c: c.reference.source == "adapters_off", "reference.source=adapters_off",
        "the learners compute pi_ref with the adapters disabled; no reference workers start")
-      for k in ("num_workers", "transport", "num_gpus", "num_cpus", "resources", "micro_batch")],
+      for k in ("num_workers", "transport", "num_gpus", "num_cpus", "resources",
+                "max_tokens_per_micro_batch", "packing")],
 ]
 
 

@@ -43,6 +43,7 @@ from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
 )
+from transformers.utils import logging as hf_logging
 
 from system.data import synthetic
 
@@ -292,6 +293,8 @@ def ensure_debug_model(cache_root: str | os.PathLike, settings: dict | None = No
         return str(final)
     Path(cache_root).mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=cache_root))
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' bars for each save and load: the lines say enough
     try:
         t0 = time.perf_counter()
         train, heldout = synthetic.make_task(**settings["task"])
@@ -317,6 +320,9 @@ def ensure_debug_model(cache_root: str | os.PathLike, settings: dict | None = No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     print(f"[debug_model] ready: {final}")
     return str(final)
 

@@ -99,6 +99,30 @@ LEARNER_REDUCTIONS = {
 WEIGHTS = {"token_mean": "tokens", "seq_mean": "sequences"}
 
 
+def combine_pieces(records: list[dict]) -> dict[str, float]:
+    """One rank's statistics of one optimizer step from those of its micro-batches, which are
+    pieces of the step as the ranks are (LEARNER_REDUCTIONS): shares summed, means weighted by
+    their tokens or responses, extremes over the pieces with tokens; `tokens` and `sequences`
+    summed, for the reduction over ranks that follows."""
+    out = {}
+    for key in {k for r in records for k in r}:
+        rule = LEARNER_REDUCTIONS.get(key)
+        if rule is None:
+            raise KeyError(f"learner statistic {key!r} has no rule in LEARNER_REDUCTIONS")
+        have = [r for r in records if key in r]
+        if rule in ("share", "weight"):
+            out[key] = sum(r[key] for r in have)
+        elif rule in WEIGHTS:
+            w = WEIGHTS[rule]
+            out[key] = sum(r[key] * r[w] for r in have) / max(sum(r[w] for r in have), 1)
+        elif rule in ("min", "max"):
+            values = [r[key] for r in have if r["tokens"] > 0] or [1.0]
+            out[key] = min(values) if rule == "min" else max(values)
+        else:  # global: the same in every piece
+            out[key] = have[0][key]
+    return out
+
+
 def reduce_learner_steps(per_rank: list[list[dict]]) -> dict[str, float]:
     """One update's metrics from each rank's per-step statistics (per_rank[r][s] is a dict of
     floats, with `tokens`), combined as LEARNER_REDUCTIONS says; an unlisted key is an error."""

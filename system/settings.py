@@ -22,6 +22,7 @@ class LearnerSettings:
     torch_threads: int  # ray.torch_threads
     seed: int  # seed (each rank adds 1000 * rank)
     dtype: str  # model.dtype
+    attn_implementation: str  # model.attn_implementation
     # the model
     gradient_checkpointing: bool
     ref_transport: str  # hidden | logprobs: what the reference rows hold (hidden with adapters_off)
@@ -38,6 +39,7 @@ class LearnerSettings:
     zero_stage: int
     micro_batch: int  # rows per rank and minibatch
     # the update
+    packing: str  # on: packed micro-batches (position_ids restart per sequence) | off: padded per micro-batch
     minibatches: int
     epochs: int
     chunk_size: int | None  # rows of the fused head + KL at a time (None: all)
@@ -66,6 +68,7 @@ def learner_settings(cfg: Config) -> LearnerSettings:
     kl = get_kl_mode(a.kl.mode)
     return LearnerSettings(
         torch_threads=c.ray.torch_threads, seed=c.seed, dtype=c.model.dtype,
+        attn_implementation=c.model.attn_implementation, packing=lr.packing,
         gradient_checkpointing=lr.gradient_checkpointing,
         ref_transport="hidden" if c.reference.source == "adapters_off" else c.reference.transport,
         temperature=c.rollout.temperature, lora=dataclasses.asdict(lr.lora), sync_mode=lora_sync_mode(c),
@@ -83,4 +86,5 @@ def learner_settings(cfg: Config) -> LearnerSettings:
 
 # learner settings that shape the processes or the weights the rollout workers hold: a run that
 # changes one of them needs new actors; the others go to the learners with reset()
-LEARNER_PROCESS_FIELDS = ("torch_threads", "dtype", "ref_transport", "lora", "sync_mode")
+LEARNER_PROCESS_FIELDS = ("torch_threads", "dtype", "attn_implementation", "ref_transport", "lora",
+                          "sync_mode")

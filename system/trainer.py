@@ -154,11 +154,12 @@ class Trainer:
 
     def learn(self, batch, rewards: torch.Tensor, ref_rows: torch.Tensor) -> dict:
         c = self.cfg
-        index, normalizers = split_for_learners(batch, c.learner.num_ranks, c.learner.minibatches,
-                                                c.algo.aggregation)
+        split = split_for_learners(batch, c.learner.num_ranks, c.learner.minibatches, c.algo.aggregation,
+                                   c.learner.max_tokens_per_micro_batch, c.learner.packing == "on")
+        index, normalizers = split.rows, split.normalizers
         prep = self.learners.call_each("prepare", [
-            (batch.rows(i), None if ref_rows is None else split_packed(ref_rows, batch.loss_mask, i))
-            for i in index])
+            (batch.rows(i), None if ref_rows is None else split_packed(ref_rows, batch.loss_mask, i), plan)
+            for i, plan in zip(index, split.plans)])
         mismatch = reduce_learner_steps([[p["mismatch"]] for p in prep]) if "mismatch" in prep[0] else {}
         adv, adv_metrics = group_advantages(rewards, c.rollout.group_size, c.algo.scale_by_std)
         k1 = torch.zeros(batch.loss_mask.shape, dtype=prep[0]["k1"].dtype)  # [N, L-1]

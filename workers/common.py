@@ -8,6 +8,8 @@ import random
 import numpy as np
 import torch
 
+from system.data.micro_batches import packed_inputs, packed_positions
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -55,12 +57,31 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_causal_lm(path: str, dtype: str, device: torch.device, trust_remote_code: bool = False):
+def load_causal_lm(path: str, dtype: str, device: torch.device, trust_remote_code: bool = False,
+                   attn_implementation: str | None = None):
+    """attn_implementation: model.attn_implementation (sdpa, eager, flash_attention_2,
+    flex_attention); None: transformers' default."""
     from transformers import AutoModelForCausalLM
 
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs)
     return model.to(device)
+
+
+def hidden_at(backbone: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              loss_mask: torch.Tensor, packed: bool) -> torch.Tensor:
+    """The transformer's final hidden states at the positions that predict response tokens: [M, H],
+    in the order of loss_mask's row-major nonzeros. input_ids, attention_mask: [n, L] right-padded;
+    loss_mask: [n, L-1]. packed: the real tokens as one row with position ids restarting per
+    sequence and no attention mask (system/data/micro_batches.py), else the padded rows."""
+    if not packed:
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state[:, :-1][loss_mask.bool()]
+    ids, positions = packed_inputs(input_ids, attention_mask)  # [1, S] each
+    # no cache: with one, transformers reads the position ids as a continuation, not as packing
+    out = backbone(input_ids=ids, position_ids=positions, use_cache=False)
+    return out.last_hidden_state[0][packed_positions(attention_mask, loss_mask)]
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ Steps, driven by system/trainer.py:
    and create the engine (ZeRO 0-3; under ZeRO-3 the output head is registered as an external
    parameter of the wrapper, so DeepSpeed gathers it for the fused op and reduces its gradient). With learner.lora.rank > 0
    the policy is wrapped in peft LoRA adapters and only they train (workers/lora.py).
-2. `prepare(shard, ref_rows)`: before any update, in eval mode, the sampled tokens' log-probs
+2. `prepare(shard, ref_rows, plan)`: before any update, in eval mode, the sampled tokens' log-probs
    under pi_old and pi_ref (per-token k1 goes back to the driver for KL-in-reward). All log-probs
    and the KL are of the distributions at the rollout temperature (`PolicyWithHead` says why).
    With LoRA and reference.source=adapters_off no rows come in: pi_ref is the base model, and its
@@ -14,8 +14,11 @@ Steps, driven by system/trainer.py:
 3. `update(advantages, normalizers)`: in training mode (dropout; gradient checkpointing, which
    Hugging Face layers apply only then), mu epochs over the minibatches; each minibatch is one
    optimizer step on its share of the data, with the loss scaled so that the ranks' gradients
-   average to the whole minibatch's gradient. A minibatch whose loss or gradients are NaN/inf on
-   any rank is skipped on every rank (no backward / no optimizer step) and counted (`skipped`).
+   average to the whole minibatch's gradient. The share is run as token-budget micro-batches
+   (the plan the driver made, system/data/batch.split_for_learners), each padded to its own
+   longest row or packed (learner.packing), their gradients accumulated: the update is the same
+   however the rows are cut. A minibatch whose loss or gradients are NaN/inf on any rank is
+   skipped on every rank (no optimizer step) and counted (`skipped`).
    Each step's statistics are this rank's share; the driver combines the ranks'
    (`system.metrics.reduce_learner_steps`), so the logged metrics do not depend on the rank count.
 4. `send_weights`: rank 0 broadcasts the parameters to the rollout workers (all ranks join the
@@ -40,6 +43,9 @@ from system.algo.kl_seq import seq_kl_term, sequence_kl
 from system.algo.losses import grpo_loss
 from system.algo.off_policy import rollout_correction
 from system.config import ConfigError
+from system.data.batch import shard_rows
+from system.data.micro_batches import in_row_order
+from system.metrics import combine_pieces
 from system.settings import LearnerSettings
 from workers.common import load_causal_lm, output_head_problem, seed_all, setup_process
 from workers.lora import adapter_view, apply_lora, full_view, merged_view
@@ -98,7 +104,8 @@ class LearnerWorker:
 
     def build(self) -> dict:
         s = self.settings
-        policy = load_causal_lm(self.model_path, s.dtype, self.device)
+        policy = load_causal_lm(self.model_path, s.dtype, self.device,
+                                attn_implementation=s.attn_implementation)
         problem = output_head_problem(policy)
         if problem:
             raise ConfigError(f"model.path: {problem}")
@@ -111,7 +118,7 @@ class LearnerWorker:
             if s.gradient_checkpointing:  # the frozen embeddings' output must carry grad
                 policy.enable_input_require_grads()
             policy = apply_lora(policy, s.lora)
-        module = PolicyWithHead(policy, ref_head, s.temperature)
+        module = PolicyWithHead(policy, ref_head, s.temperature, packed=s.packing == "on")
         trainable = [p for p in module.policy.parameters() if p.requires_grad]
         optimizer = OPTIMIZERS[s.optimizer](trainable, s)
         warmup = max(1, s.warmup_steps)
@@ -160,9 +167,14 @@ class LearnerWorker:
         return {"held": held, "sent": adapter_view(policy) if self.settings.sync_mode == "adapters" else held}
 
     # ---- one training step --------------------------------------------------------------------
-    def prepare(self, shard: dict, ref_rows: torch.Tensor) -> dict:
-        """Keep the shard; pi_old and pi_ref log-probs of its sampled tokens, and their per-token
-        k1 = log pi_old - log pi_ref [B, T] (the driver folds it into the advantages in `reward` mode).
+    def prepare(self, shard: dict, ref_rows: torch.Tensor, plan: list | None = None) -> dict:
+        """Keep the shard and its micro-batch plan; pi_old and pi_ref log-probs of its sampled
+        tokens, and their per-token k1 = log pi_old - log pi_ref [B, T] (the driver folds it into
+        the advantages in `reward` mode).
+
+        plan: per minibatch, its micro-batches as positions in the shard
+        (system/data/batch.split_for_learners); None: the shard's rows cut into cfg['minibatches']
+        contiguous minibatches, one micro-batch each.
 
         pi_old (algo.pi_old, system/algo/off_policy.py): `sampler` takes the sampler's own log-probs
         when the shard carries them (a sample drawn ahead, by an older policy) and spends no forward
@@ -170,26 +182,31 @@ class LearnerWorker:
         `proximal` and the sampler's log-probs, the rollout correction's weight and the mismatch
         statistics come from the two. Both keep the model's dtype (float64 stays float64)."""
         s, mask = self.settings, shard["loss_mask"]
+        n = mask.shape[0]
+        self.plan = plan or [[list(range(i * (n // s.minibatches), (i + 1) * (n // s.minibatches)))]
+                             for i in range(s.minibatches)]
         tokens = shard["input_ids"][:, 1:][mask.bool()]
+        counts = mask.sum(-1).long().tolist()
         module, chunk, dev = self.engine.module, s.chunk_size, self.device
         self.engine.eval()  # pi_old, pi_prox and pi_ref without dropout
         sampler_logp = shard["behavior_logp"] * mask if "behavior_logp" in shard else None  # [B, T]
         proximal = s.pi_old == "proximal" or sampler_logp is None
+        # every micro-batch, stand-ins too: under ZeRO-3 each forward gathers with the other ranks
+        micro = [mb for minibatch in self._micro_batches(shard) for mb in minibatch]
+        inputs = lambda mb: (mb["input_ids"].to(dev), mb["attention_mask"].to(dev),  # noqa: E731
+                             mb["loss_mask"].to(dev))
         if ref_rows is None:  # reference.source=adapters_off: pi_ref is the base, adapters disabled
-            ref_rows = torch.cat([module.base_hidden_at(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
-                                                        mb["loss_mask"].to(dev)).cpu()
-                                  for mb in self._minibatches(shard)])
+            pieces = [(mb["rows"], module.base_hidden_at(*inputs(mb)).cpu()) for mb in micro]
+            ref_rows = in_row_order([p for p, mb in zip(pieces, micro) if not mb["stand_in"]], counts)
         with torch.no_grad():
             # the backbone first, the head after: a tied head's weight is the embedding's, and
             # under ZeRO-3 the embedding's forward re-partitions it on exit, inside any gather
-            hidden = [module.hidden_at(mb["input_ids"].to(dev), mb["attention_mask"].to(dev),
-                                       mb["loss_mask"].to(dev)) for mb in self._minibatches(shard)
-                      ] if proximal else []
+            hidden = [module.hidden_at(*inputs(mb)) for mb in micro] if proximal else []
             with _gathered([module.head_weight()], s.zero_stage):
-                olds = [module.logprobs(h, mb["tokens"].to(dev), chunk).cpu()
-                        for h, mb in zip(hidden, self._minibatches(shard))]
+                olds = [(mb["rows"], module.logprobs(h, mb["tokens"].to(dev), chunk).cpu())
+                        for h, mb in zip(hidden, micro) if not mb["stand_in"]]
                 ref_logp = module.ref_logprobs(ref_rows.to(dev), tokens.to(dev), chunk)
-        old_logp = _dense(torch.cat(olds), mask) if proximal else sampler_logp  # [B, T]
+        old_logp = _dense(in_row_order(olds, counts), mask) if proximal else sampler_logp  # [B, T]
         ref_logp = _dense(ref_logp.cpu(), mask)  # [B, T]
         self.shard = dict(shard, old_logp=old_logp, ref_logp=ref_logp, ref_rows=ref_rows.cpu())
         out = {"k1": (old_logp - ref_logp) * mask, "tokens": int(mask.sum())}
@@ -200,25 +217,24 @@ class LearnerWorker:
             out["mismatch"] = {**{k: float(v) for k, v in stats.items()}, "tokens": out["tokens"]}
         return out
 
-    def _minibatches(self, shard: dict) -> list[dict]:
-        """Split the shard (rows ordered by minibatch already) into learner.minibatches parts."""
-        n, k = shard["input_ids"].shape[0], self.settings.minibatches
-        size = n // k
-        out, row_offset = [], 0
-        counts = shard["loss_mask"].sum(-1).long()
-        for i in range(k):
-            rows = slice(i * size, (i + 1) * size)
-            mb = {key: v[rows] for key, v in shard.items() if torch.is_tensor(v) and v.shape[0] == n}
-            m = int(counts[rows].sum())
-            mb["row_slice"] = (row_offset, row_offset + m)
-            mb["tokens"] = mb["input_ids"][:, 1:][mb["loss_mask"].bool()]
-            row_offset += m
-            out.append(mb)
+    def _micro_batches(self, shard: dict) -> list[list[dict]]:
+        """The shard's micro-batches, minibatch by minibatch, as self.plan says. Each is a dict of
+        its rows' tensors, trimmed to its own longest row (the padding beyond is never computed),
+        with its sampled tokens [m], its reference rows, `rows` (positions in the shard) and
+        `stand_in`: an empty micro-batch of the plan (this rank has fewer rows than another has
+        micro-batches), run on a row of the minibatch with its loss times 0 so that the ranks'
+        forward and backward passes stay in step."""
+        out = []
+        for minibatch in self.plan:
+            first = next(r for mb in minibatch for r in mb)
+            out.append([dict(shard_rows(shard, rows or [first]), rows=rows, stand_in=not rows)
+                        for rows in minibatch])
         return out
 
     def update(self, advantages: torch.Tensor, normalizers: list[float],
                kl_baseline: torch.Tensor | None = None) -> dict:
-        """mu epochs x minibatches of clipped GRPO with the configured KL mode.
+        """mu epochs x minibatches of clipped GRPO with the configured KL mode; each minibatch is
+        one optimizer step over its micro-batches (gradient accumulation).
 
         advantages: [B] or [B, T] (per token in `reward` mode); kl_baseline: [B, T] the baseline
         of full_seq's KL-to-go (system/algo/kl_seq.py), or None. Returns {"steps": one dict of
@@ -233,28 +249,47 @@ class LearnerWorker:
         self.engine.train()
         try:
             for _ in range(self.settings.epochs):
-                for i, mb in enumerate(self._minibatches(shard)):
-                    loss, logp_p, stats = self._minibatch_loss(mb, normalizers[i], first=not steps)
-                    loss = self._inject_nonfinite(loss, logp_p)
-                    stats["loss"] = float(loss.detach())
-                    skipped += not self._apply(loss)
-                    norm = self.engine.get_global_grad_norm()
-                    stats["grad_norm"] = float(norm if norm is not None else self.grad_norm or 0.0)
+                for i, micro in enumerate(self._micro_batches(shard)):
+                    stats, applied = self._optimizer_step(micro, normalizers[i], first=not steps)
+                    skipped += not applied
                     steps.append(stats)
         finally:
             self.engine.eval()
         self.version += 1
         return {"steps": steps, "skipped": skipped}
 
+    def _optimizer_step(self, micro: list[dict], normalizer: float, first: bool) -> tuple[dict, bool]:
+        """One optimizer step over this rank's micro-batches of a minibatch: forward and backward
+        of each in turn, the gradients accumulating (DeepSpeed reduces them over the ranks at the
+        last one), then the step. Every micro-batch's loss carries the whole minibatch's
+        normalizer, so they add up to the minibatch's loss however the rows were cut. Returns this
+        rank's statistics (its micro-batches' combined, system.metrics.combine_pieces) and
+        whether the step was applied."""
+        pieces, applied = [], True
+        for i, mb in enumerate(micro):
+            loss, logp_p, stats = self._minibatch_loss(mb, normalizer, first)
+            loss = self._inject_nonfinite(loss, logp_p)
+            if mb["stand_in"]:
+                loss = loss * 0.0
+            else:
+                pieces.append(dict(stats, loss=float(loss.detach())))
+            if not self._backward(loss, last=i == len(micro) - 1, accumulated=i > 0):
+                applied = False
+                break
+        if applied or i > 0:  # after a failed micro-batch the step discards the poisoned gradients
+            applied = self._step() and applied
+        stats = combine_pieces(pieces)
+        norm = self.engine.get_global_grad_norm()
+        stats["grad_norm"] = float(norm if norm is not None else self.grad_norm or 0.0)
+        return stats, applied
+
     def _minibatch_loss(self, mb: dict, normalizer: float, first: bool):
-        """The loss of one minibatch on this rank (its share under the whole minibatch's
-        normalizer), the packed log-probs [M], and this step's statistics (floats)."""
+        """The loss of one micro-batch on this rank (its share under the whole minibatch's
+        normalizer), the packed log-probs [M], and its statistics (floats)."""
         s = self.settings
         dev = {k: v.to(self.device) for k, v in mb.items() if torch.is_tensor(v)}
-        lo, hi = mb["row_slice"]
-        ref_rows = self.shard["ref_rows"][lo:hi].to(self.device)
         logp_p, kl_p, ent_p = self.engine(dev["input_ids"], dev["attention_mask"],
-                                          dev["loss_mask"], ref_rows, s.chunk_size)
+                                          dev["loss_mask"], dev["ref_rows"], s.chunk_size)
         mask = dev["loss_mask"].float()
         logp, full_kl = _dense(logp_p, mask), _dense(kl_p, mask)  # [B, T]
         kl = loss_kl(s.kl, logp=logp, ref_logp=dev["ref_logp"], old_logp=dev["old_logp"],
@@ -297,19 +332,29 @@ class LearnerWorker:
             return loss + 0 * torch.sqrt(logp_p.sum() * 0)
         return loss
 
-    def _apply(self, loss: torch.Tensor) -> bool:
-        """Backward and optimizer step, unless the loss or the gradients are not finite on some
-        rank: then every rank skips both (the ranks stay in step) and this returns False.
+    def _backward(self, loss: torch.Tensor, last: bool, accumulated: bool) -> bool:
+        """Back-propagate one micro-batch's loss; DeepSpeed reduces the accumulated gradients over
+        the ranks at the last one (the accumulation boundary). Returns False, on every rank alike,
+        when the loss is not finite on some rank: then nothing is back-propagated, or, where
+        gradients of earlier micro-batches have accumulated, NaN is (at the boundary), so that
+        the step that follows is skipped and clears them (ZeRO's own check, or _step's).
 
-        The loss is checked here on every ZeRO stage. Gradients: ZeRO-1/2/3 and the bf16 optimizer
-        check their own gradient norm and skip the step on NaN/inf (engine.skipped_steps counts
-        it); a plain torch optimizer (ZeRO-0, fp32) has no such check, so it is done here.
-        """
-        self.grad_norm = None
-        if not _all_ranks(torch.isfinite(loss.detach()).all(), self.device):
+        The loss is checked here on every ZeRO stage; the gradients in _step."""
+        finite = _all_ranks(torch.isfinite(loss.detach()).all(), self.device)
+        if not finite and not accumulated:
             return False
+        self.engine.set_gradient_accumulation_boundary(last or not finite)
         # DeepSpeed averages gradients over ranks; the normalizer is the whole minibatch's
-        self.engine.backward(loss * self.world_size)
+        self.engine.backward((loss if finite else loss * float("nan")) * self.world_size)
+        return finite
+
+    def _step(self) -> bool:
+        """The optimizer step, unless the gradients are not finite on some rank: then every rank
+        skips it (the ranks stay in step) and this returns False. ZeRO-1/2/3 and the bf16
+        optimizer check their own gradient norm and skip the step on NaN/inf
+        (engine.skipped_steps counts it); a plain torch optimizer (ZeRO-0, fp32) has no such
+        check, so it is done here."""
+        self.grad_norm = None
         if not hasattr(self.engine.optimizer, "overflow"):
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             finite = all(bool(torch.isfinite(g).all()) for g in grads)

@@ -11,6 +11,7 @@ from torch import nn
 
 from system.algo.fused_kl import fused_logprob_kl, logprobs_from_hidden
 from system.algo.kl import logprobs_from_logits
+from workers.common import hidden_at
 
 
 class PolicyWithHead(nn.Module):
@@ -26,10 +27,12 @@ class PolicyWithHead(nn.Module):
     divide the learner's logits by the rollout temperature too.)
     """
 
-    def __init__(self, policy: nn.Module, ref_head: torch.Tensor | None, temperature: float = 1.0):
+    def __init__(self, policy: nn.Module, ref_head: torch.Tensor | None, temperature: float = 1.0,
+                 packed: bool = False):
         super().__init__()
         self.policy = policy
         self.temperature = float(temperature)
+        self.packed = packed  # forward packed rows (learner.packing=on)
         # a buffer, not a parameter: frozen, never partitioned, never in the optimizer; None for the
         # logits transport (the reference worker sends the logits themselves)
         self.register_buffer("ref_head", ref_head, persistent=False)
@@ -43,9 +46,9 @@ class PolicyWithHead(nn.Module):
         return (self.policy.get_base_model() if lora else self.policy).base_model
 
     def hidden_at(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:
-        """Final hidden states at the positions that predict response tokens: [M, H]."""
-        out = self.backbone()(input_ids=input_ids, attention_mask=attention_mask)
-        return out.last_hidden_state[:, :-1][loss_mask.bool()]
+        """Final hidden states at the positions that predict response tokens: [M, H] (packed rows
+        with learner.packing=on, workers/common.hidden_at)."""
+        return hidden_at(self.backbone(), input_ids, attention_mask, loss_mask, self.packed)
 
     @torch.no_grad()
     def base_hidden_at(self, input_ids, attention_mask, loss_mask) -> torch.Tensor:

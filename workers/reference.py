@@ -17,19 +17,21 @@ import os
 import torch
 
 from system.data.batch import build_batch
-from workers.common import load_causal_lm, setup_process
+from system.data.micro_batches import in_row_order, plan_micro_batches
+from workers.common import hidden_at, load_causal_lm, setup_process
 
 
 class ReferenceWorker:
     def __init__(self, model_path: str, dtype: str, transport: str, torch_threads: int, seed: int,
-                 micro_batch: int = 64):
+                 max_tokens: int = 32768, packed: bool = False, attn_implementation: str = "sdpa"):
         if transport not in ("hidden", "logits"):
             raise ValueError(f"reference.transport: unknown {transport!r} (hidden | logits)")
         self.device = setup_process(torch_threads, seed)
-        self.model = load_causal_lm(model_path, dtype, self.device).eval()
+        self.model = load_causal_lm(model_path, dtype, self.device,
+                                    attn_implementation=attn_implementation).eval()
         self.model.requires_grad_(False)
         self.transport = transport
-        self.micro_batch = micro_batch
+        self.max_tokens, self.packed = max_tokens, packed
 
     def pid(self) -> int:
         """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""
@@ -47,16 +49,22 @@ class ReferenceWorker:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 loss_mask: torch.Tensor) -> dict:
-        """input_ids, attention_mask: [B, L]; loss_mask: [B, L-1] -> {"rows": [M, H or V], "bytes"}."""
-        rows = []
-        for s in range(0, input_ids.shape[0], self.micro_batch):
-            ids = input_ids[s:s + self.micro_batch].to(self.device)
-            att = attention_mask[s:s + self.micro_batch].to(self.device)
-            sel = loss_mask[s:s + self.micro_batch].to(self.device).bool()
-            hidden = self.model.base_model(input_ids=ids, attention_mask=att).last_hidden_state
-            h = hidden[:, :-1][sel]  # [m, H]
+        """input_ids, attention_mask: [B, L]; loss_mask: [B, L-1] -> {"rows": [M, H or V], "bytes"}.
+
+        Micro-batches of at most reference.max_tokens_per_micro_batch tokens, rows of similar
+        length together, each padded to its own longest row or packed (reference.packing);
+        the rows come back in the input's order."""
+        lengths = attention_mask.sum(-1).tolist()
+        pieces = []
+        for rows in plan_micro_batches(lengths, self.max_tokens, self.packed,
+                                       "reference.max_tokens_per_micro_batch"):
+            idx = torch.tensor(rows)
+            width = max(max(lengths[i] for i in rows), 2)
+            h = hidden_at(self.model.base_model, input_ids[idx, :width].to(self.device),
+                          attention_mask[idx, :width].to(self.device),
+                          loss_mask[idx, :width - 1].to(self.device), self.packed)  # [m, H]
             if self.transport == "logits":
                 h = self.model.get_output_embeddings()(h)  # [m, V]
-            rows.append(h.cpu())
-        out = torch.cat(rows)
+            pieces.append((rows, h.cpu()))
+        out = in_row_order(pieces, loss_mask.sum(-1).long().tolist())
         return {"rows": out, "bytes": out.numel() * out.element_size()}

@@ -1,5 +1,5 @@
 """The training batch: padded token tensors built from prompts and sampled responses, and its split
-across learner ranks and minibatches.
+across learner ranks, minibatches and token-budget micro-batches (system/data/micro_batches.py).
 
 Layout: row i is prompt + response, right-padded to L. `loss_mask[i, t]` is 1 where position t
 predicts a response token (token t+1), so logits/hidden states at [:, :-1] line up with it.
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from system.algo.losses import loss_normalizer
+from system.data.micro_batches import balance_ranks, equal_counts, plan_micro_batches
 
 
 @dataclass
@@ -60,26 +61,47 @@ def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: in
     return Batch(input_ids, attention, loss_mask, behavior)
 
 
-def split_for_learners(batch: Batch, num_ranks: int, minibatches: int,
-                       aggregation: str) -> tuple[list[torch.Tensor], list[float]]:
-    """Row indices for each rank, and each minibatch's whole normalizer.
+@dataclass
+class LearnerSplit:
+    """What each learner rank gets of a batch (split_for_learners)."""
+    rows: list[torch.Tensor]  # per rank: indices into the batch, minibatch by minibatch
+    normalizers: list[float]  # per minibatch: its whole normalizer (system/algo/losses.py)
+    # per rank, per minibatch: its micro-batches, as positions in the rank's rows; every rank has
+    # as many micro-batches in a minibatch (an empty one: the learner runs a stand-in, loss x 0)
+    plans: list[list[list[list[int]]]]
+
+
+def split_for_learners(batch: Batch, num_ranks: int, minibatches: int, aggregation: str,
+                       max_tokens: int | None = None, packed: bool = False) -> LearnerSplit:
+    """Rows for each rank, each minibatch's whole normalizer, and the ranks' micro-batches.
 
     Minibatch m is the same set of rows whatever the number of ranks (contiguous slice m of the
-    batch), and rank r takes the r-th part of every minibatch, in minibatch order. So one rank and
-    two ranks see the same minibatches and, with the whole-minibatch normalizer, the same update.
+    batch); its rows go to the ranks balanced by tokens (system/data/micro_batches.balance_ranks),
+    and each rank's part is cut into micro-batches of at most `max_tokens` tokens (padded to their
+    own longest row, or packed; None: one micro-batch per part). With the whole minibatch's
+    normalizer, one rank or several, one micro-batch or many, give the same update.
     """
     n = batch.size
     per_mb = n // minibatches
-    per_rank = per_mb // num_ranks
+    lengths = batch.attention_mask.sum(-1).tolist()
     rank_rows: list[list[int]] = [[] for _ in range(num_ranks)]
+    plans: list[list[list[list[int]]]] = [[] for _ in range(num_ranks)]
     normalizers = []
     for m in range(minibatches):
-        mb_rows = range(m * per_mb, (m + 1) * per_mb)
-        normalizers.append(float(loss_normalizer(batch.loss_mask[m * per_mb:(m + 1) * per_mb],
-                                                 aggregation)))
-        for r in range(num_ranks):
-            rank_rows[r].extend(mb_rows[r * per_rank:(r + 1) * per_rank])
-    return [torch.tensor(rows, dtype=torch.long) for rows in rank_rows], normalizers
+        lo = m * per_mb
+        normalizers.append(float(loss_normalizer(batch.loss_mask[lo:lo + per_mb], aggregation)))
+        parts = balance_ranks(lengths[lo:lo + per_mb], num_ranks)
+        mb_plans = []
+        for r, part in enumerate(parts):
+            offset = len(rank_rows[r])
+            rank_rows[r].extend(lo + i for i in part)
+            part_lengths = [lengths[lo + i] for i in part]
+            local = (plan_micro_batches(part_lengths, max_tokens, packed, "learner.max_tokens_per_micro_batch")
+                     if max_tokens else [list(range(len(part)))])
+            mb_plans.append([[offset + k for k in mb] for mb in local])
+        for r, plan in enumerate(equal_counts(mb_plans)):
+            plans[r].append(plan)
+    return LearnerSplit([torch.tensor(rows, dtype=torch.long) for rows in rank_rows], normalizers, plans)
 
 
 def split_packed(rows: torch.Tensor, loss_mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -88,3 +110,24 @@ def split_packed(rows: torch.Tensor, loss_mask: torch.Tensor, index: torch.Tenso
     counts = loss_mask.sum(-1).long()
     starts = torch.cumsum(counts, 0) - counts
     return torch.cat([rows[starts[i]:starts[i] + counts[i]] for i in index.tolist()])
+
+
+def shard_rows(shard: dict, rows: list[int]) -> dict:
+    """Rows `rows` of a learner's shard as one micro-batch: its per-row tensors [n, ...] selected,
+    those over positions ([n, L] and [n, L-1]) cut at these rows' longest (right padding: nothing
+    real lies beyond), the reference rows [m, H or V] of these rows (`ref_rows`, packed over the
+    shard) and the sampled tokens [m]."""
+    n, width_all = shard["input_ids"].shape
+    idx = torch.tensor(rows)
+    width = max(int(shard["attention_mask"][idx].sum(-1).max()), 2)
+    mb = {}
+    for key, v in shard.items():
+        if torch.is_tensor(v) and key != "ref_rows" and v.shape[0] == n:
+            v = v[idx]
+            if v.dim() == 2:
+                v = v[:, :width if v.shape[1] == width_all else width - 1]
+            mb[key] = v
+    mb["tokens"] = mb["input_ids"][:, 1:][mb["loss_mask"].bool()]
+    if "ref_rows" in shard:
+        mb["ref_rows"] = split_packed(shard["ref_rows"], shard["loss_mask"], idx)
+    return mb

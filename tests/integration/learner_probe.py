@@ -96,6 +96,48 @@ def main(model_path: str, zero_stage: int) -> dict:
     return out
 
 
+def accumulate(model_path: str, zero_stage: int) -> dict:
+    """One SGD step (the update is -lr * gradient) on rows of different lengths, run as one padded
+    micro-batch and as token-budget micro-batches (with a stand-in) whose gradients
+    DeepSpeed accumulates: the largest weight change and the largest difference between the two
+    updates."""
+    from system.config import load_config
+    from system.settings import learner_settings
+    from workers.learner import LearnerWorker
+
+    cfg = load_config("configs/debug.yaml", [
+        "learner.num_ranks=1", "learner.minibatches=1", "rollout.group_size=2",
+        "trainer.prompts_per_step=2", f"learner.zero_stage={zero_stage}", "model.dtype=float32",
+        "learner.optimizer=sgd", "learner.lr=0.5", "learner.grad_clip=0", "learner.warmup_steps=0",
+        "trainer.rollout_ahead=0"])
+    worker = LearnerWorker(0, 1, model_path, learner_settings(cfg))
+    worker.init_process_group(*worker.address())
+    worker.build()
+    g = torch.Generator().manual_seed(0)
+    lengths, prompt = [12, 5, 9, 3], 2
+    loss_mask = torch.zeros(4, 11)
+    attn = torch.zeros(4, 12, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        attn[i, :n] = 1
+        loss_mask[i, prompt - 1:n - 1] = 1
+    shard = {"input_ids": torch.randint(1, 90, (4, 12), generator=g) * attn, "attention_mask": attn,
+             "loss_mask": loss_mask}
+    ref = torch.randn(int(loss_mask.sum()), worker.engine.module.policy.config.hidden_size, generator=g)
+    adv = torch.randn(4, generator=g)
+    deltas = []
+    for plan in (None, [[[0], [2, 1], [3], []]]):
+        worker.reset(learner_settings(cfg))
+        before = worker.weights()
+        worker.prepare(shard, ref, plan)
+        out = worker.update(adv, [float(loss_mask.sum())])
+        assert out["skipped"] == 0
+        after = worker.weights()
+        deltas.append({k: after[k] - before[k] for k in before})
+    return {"max_delta": max(float(d.abs().max()) for d in deltas[0].values()),
+            "max_diff": max(float((deltas[0][k] - deltas[1][k]).abs().max()) for k in deltas[0])}
+
+
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    print("PROBE " + json.dumps(main(sys.argv[1], int(sys.argv[2]))), flush=True)
+    probe = accumulate if sys.argv[3:] == ["accumulate"] else main
+    print("PROBE " + json.dumps(probe(sys.argv[1], int(sys.argv[2]))), flush=True)

@@ -101,8 +101,10 @@ UPDATE = ["learner.epochs=2", "learner.minibatches=2", "learner.optimizer=sgd", 
 
 @pytest.fixture(scope="module")
 def reference_update(actor_pool, tmp_path_factory):
-    """Two learner ranks, hidden transport: one update on a fixed batch."""
-    trainer = build_trainer(tmp_path_factory.mktemp("ref"), UPDATE, actor_pool)
+    """Two learner ranks, hidden transport: one update on a fixed batch, each rank's share of a
+    minibatch cut into micro-batches of at most 24 tokens (a debug row is ~10)."""
+    trainer = build_trainer(tmp_path_factory.mktemp("ref"), [*UPDATE, "learner.max_tokens_per_micro_batch=24"],
+                            actor_pool)
     try:
         batch, rewards = _one_batch(trainer, logprobs=True)
         start = _learner_weights(trainer)
@@ -137,9 +139,12 @@ def test_learner_computes_the_sampling_temperatures_distribution(reference_updat
 
 
 def test_one_learner_rank_equals_two(reference_update, tmp_path):
-    """Same weights (SGD: the same gradients) and every logged metric the same, on 1 or 2 ranks."""
+    """Same weights (SGD: the same gradients) and every logged metric the same, on 1 or 2 ranks,
+    and whatever the micro-batches: two ranks with token-budget micro-batches padded per
+    micro-batch (DeepSpeed accumulating between boundaries), one rank with one packed row per
+    minibatch."""
     batch, rewards, metrics2, weights2, start = reference_update
-    metrics1, weights1 = _update_with(tmp_path, ["learner.num_ranks=1"], batch, rewards)
+    metrics1, weights1 = _update_with(tmp_path, ["learner.num_ranks=1", "learner.packing=on"], batch, rewards)
     assert metrics1.keys() == metrics2.keys()
     for key in metrics1:
         assert metrics1[key] == pytest.approx(metrics2[key], rel=1e-4, abs=1e-6), key

@@ -130,7 +130,7 @@ def check_update_against_naive(worker, policy, old: torch.Tensor, ref_all: torch
     mask = s["loss_mask"].bool()
     tokens = s["input_ids"][:, 1:][mask]  # [M]
     adv = torch.tensor([1.0, -0.5, 0.25, -2.0], dtype=F64)
-    mb = worker._minibatches(dict(worker.shard, advantages=adv))[0]
+    mb = worker._micro_batches(dict(worker.shard, advantages=adv))[0][0]
     loss, _, stats = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
     grads = torch.autograd.grad(loss, list(policy.parameters()))
 
@@ -257,7 +257,7 @@ def test_full_seq_learner_loss_and_grads_match_formula_float64(weighting, cap):
     worker.prepare(s, ref_rows)
     drift(policy, 0.05, seed=3)  # pi_theta != pi_old
     b = seq_baseline()
-    mb = worker._minibatches(dict(worker.shard, advantages=ADV, kl_baseline=b))[0]
+    mb = worker._micro_batches(dict(worker.shard, advantages=ADV, kl_baseline=b))[0][0]
     loss, _, stats = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
     grads = torch.autograd.grad(loss, list(policy.parameters()))
 
@@ -306,7 +306,7 @@ def test_full_seq_one_rank_equals_two_ranks(weighting):
     results = []
     for w, sub, _, base in ranks:
         adv = ADV if sub is s else ADV[[0, 1]] if w is ranks[1][0] else ADV[[2, 3]]
-        mb = w._minibatches(dict(w.shard, advantages=adv, kl_baseline=base))[0]
+        mb = w._micro_batches(dict(w.shard, advantages=adv, kl_baseline=base))[0][0]
         loss, _, stats = w._minibatch_loss(mb, normalizer=n_tok, first=True)
         results.append((loss, torch.autograd.grad(loss, list(policy.parameters())), stats))
     (one_loss, one_grads, one_stats), two = results[0], results[1:]
@@ -332,7 +332,7 @@ def test_full_seq_with_the_decoupled_objective_matches_formula_float64(weighting
     w = torch.exp(prox_lp - sampler_lp).clamp(max=1.5)
     drift(policy, 0.05, seed=3)  # pi_theta != pi_prox within the update
     b = seq_baseline()
-    mb = worker._minibatches(dict(worker.shard, advantages=ADV, kl_baseline=b))[0]
+    mb = worker._micro_batches(dict(worker.shard, advantages=ADV, kl_baseline=b))[0][0]
     loss, _, _ = worker._minibatch_loss(mb, normalizer=float(mask.sum()), first=True)
     grads = torch.autograd.grad(loss, list(policy.parameters()))
 

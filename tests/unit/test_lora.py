@@ -57,7 +57,7 @@ def test_reference_from_base_with_adapters_off_equals_reference_worker(kl_mode):
     losses = []
     for state in (off, on):
         worker.shard = state
-        mb = worker._minibatches(dict(state, advantages=adv))[0]
+        mb = worker._micro_batches(dict(state, advantages=adv))[0][0]
         loss, _, stats = worker._minibatch_loss(mb, normalizer=float(s["loss_mask"].sum()), first=True)
         losses.append((float(loss.detach()), stats["kl_full"], stats["kl_k3"]))
     assert losses[0][1] > 1e-4
