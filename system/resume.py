@@ -18,7 +18,7 @@ import ray
 import torch
 from ray.exceptions import RayActorError
 
-from system import checkpoint
+from system import chaos, checkpoint
 from system.faults import RunStopped
 from system.inflight import InFlight
 
@@ -56,6 +56,7 @@ def _write(t, tmp: str, step: int) -> str:
         torch.save([{"step": x.step, "version": x.version, "outputs": ray.get(x.launched[0])}
                     for x in t.inflight], os.path.join(tmp, PENDING))
         state["pending_sample"] = PENDING
+    chaos.before_commit(t, step)  # a no-op outside the chaos run
     return checkpoint.commit(t.run_dir, tmp, step, state, t.cfg.checkpoint.keep)
 
 

@@ -29,7 +29,7 @@ import time
 import ray
 import torch
 
-from system import resume
+from system import chaos, resume
 from system.algo.advantages import group_advantages
 from system.algo.kl import get_kl_mode, kl_in_reward
 from system.algo.kl_seq import group_kl_baseline
@@ -257,6 +257,7 @@ class Trainer:
         if progress is not None:
             progress.update(done)
         for step in range(done + 1, c.trainer.steps + 1):
+            chaos.before_step(self, step)  # a no-op outside the chaos run and its test
             metrics = self.faults.run_step(step, self.train_step)
             logger.log(step, metrics)
             print(logger.console_line(step, c.trainer.steps, metrics), flush=True)

@@ -114,6 +114,7 @@ class RolloutWorker:
         self.version = 0
         self.corrupt_sync: dict = {}  # a testing aid: corrupt_syncs()
         self._die_mid_sync = False  # a testing aid: die_during_next_sync()
+        self._die_mid_generate = False  # a testing aid: die_during_next_generate()
         if backend == "hf":
             self.backend = HFBackend(model_path, dtype, self.device)
         elif backend == "vllm":
@@ -129,6 +130,10 @@ class RolloutWorker:
                  want_logprobs: bool = False) -> dict:
         """Sample n responses per prompt. Rows are grouped: prompt i -> rows i*n .. i*n+n-1."""
         seed_all(seed)
+        if self._die_mid_generate:  # half the prompts sampled, then the process is gone
+            self.backend.generate(prompts[:max(1, len(prompts) // 2)], n, temperature, top_p,
+                                  max_new_tokens, greedy, want_logprobs)
+            os.kill(os.getpid(), signal.SIGKILL)
         responses, logprobs = self.backend.generate(
             prompts, n, temperature, top_p, max_new_tokens, greedy, want_logprobs)
         return {"responses": responses, "logprobs": logprobs, "version": self.version}
@@ -162,6 +167,11 @@ class RolloutWorker:
         """A testing aid: the next weight sync kills this process after its first bucket, as a node
         lost mid-broadcast (the learner's broadcast then fails within sync.timeout_s)."""
         self._die_mid_sync = True
+
+    def die_during_next_generate(self) -> None:
+        """A testing aid: the next generate call kills this process halfway through its prompts,
+        as a worker lost while it samples (the driver's wait for the sample then fails)."""
+        self._die_mid_generate = True
 
     def weights(self) -> dict:
         """The loaded weights (hf backend), for tests that compare them with the learner's bit for
