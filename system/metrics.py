@@ -104,29 +104,22 @@ def combine_pieces(records: list[dict]) -> dict[str, float]:
     pieces of the step as the ranks are (LEARNER_REDUCTIONS): shares summed, means weighted by
     their tokens or responses, extremes over the pieces with tokens; `tokens` and `sequences`
     summed, for the reduction over ranks that follows."""
-    out = {}
-    for key in {k for r in records for k in r}:
-        rule = LEARNER_REDUCTIONS.get(key)
-        if rule is None:
-            raise KeyError(f"learner statistic {key!r} has no rule in LEARNER_REDUCTIONS")
-        have = [r for r in records if key in r]
-        if rule in ("share", "weight"):
-            out[key] = sum(r[key] for r in have)
-        elif rule in WEIGHTS:
-            w = WEIGHTS[rule]
-            out[key] = sum(r[key] * r[w] for r in have) / max(sum(r[w] for r in have), 1)
-        elif rule in ("min", "max"):
-            values = [r[key] for r in have if r["tokens"] > 0] or [1.0]
-            out[key] = min(values) if rule == "min" else max(values)
-        else:  # global: the same in every piece
-            out[key] = have[0][key]
-    return out
+    return _reduce([records])
 
 
 def reduce_learner_steps(per_rank: list[list[dict]]) -> dict[str, float]:
     """One update's metrics from each rank's per-step statistics (per_rank[r][s] is a dict of
     floats, with `tokens`), combined as LEARNER_REDUCTIONS says; an unlisted key is an error."""
-    steps = list(zip(*per_rank))  # steps[s] = the ranks' records of step s
+    out = _reduce(list(zip(*per_rank)))  # steps[s] = the ranks' records of step s
+    out.pop("tokens", None)
+    out.pop("sequences", None)
+    return out
+
+
+def _reduce(steps: list) -> dict[str, float]:
+    """steps[s]: the parts (ranks, or one rank's micro-batches) of step s. Shares and weights are
+    summed over a step's parts and averaged over the steps; means are weighted; extremes are
+    taken over the parts with tokens (a part without reports a placeholder)."""
     records = [r for step in steps for r in step]
     out = {}
     for key in {k for r in records for k in r}:
@@ -134,18 +127,16 @@ def reduce_learner_steps(per_rank: list[list[dict]]) -> dict[str, float]:
         if rule is None:
             raise KeyError(f"learner statistic {key!r} has no rule in LEARNER_REDUCTIONS")
         have = [r for r in records if key in r]
-        if rule == "share":
-            out[key] = sum(sum(r[key] for r in step) for step in steps) / len(steps)
+        if rule in ("share", "weight"):
+            out[key] = sum(sum(r[key] for r in step if key in r) for step in steps) / len(steps)
         elif rule in WEIGHTS:
             w = WEIGHTS[rule]
             out[key] = sum(r[key] * r[w] for r in have) / max(sum(r[w] for r in have), 1)
-        elif rule in ("min", "max"):  # a rank without tokens reports a placeholder: leave it out
+        elif rule in ("min", "max"):
             values = [r[key] for r in have if r["tokens"] > 0] or [1.0]
             out[key] = min(values) if rule == "min" else max(values)
-        elif rule == "global":
+        else:  # global: the same in every part of a step
             out[key] = sum(step[0][key] for step in steps) / len(steps)
-    out.pop("tokens", None)
-    out.pop("sequences", None)
     return out
 
 
