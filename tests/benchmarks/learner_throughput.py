@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from system.data.batch import build_batch, split_for_learners  # noqa: E402
 from system.data.micro_batches import micro_batch_cost, plan_micro_batches  # noqa: E402
 from tests.benchmarks._common import markdown_table, publish, save_qwen_shape  # noqa: E402
-from tests.settings import learner_test_settings  # noqa: E402
+from tests.learner_stub import stub_learner  # noqa: E402
 from tests.benchmarks.kl_memory import PeakMemory  # noqa: E402
 
 V = 151936
@@ -86,52 +86,16 @@ def plan_table(rows: int, prompt: int, budget: int) -> tuple[str, dict]:
     return head + "\n\n" + table, cells
 
 
-class Engine:
-    """The part of DeepSpeed's engine the learner's step uses, for one rank: plain autograd."""
-    skipped_steps = 0
-
-    def __init__(self, module):
-        self.module, self.optimizer = module, None
-
-    def __call__(self, *args):
-        return self.module(*args)
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-
-    def eval(self):
-        self.module.eval()
-
-    def set_gradient_accumulation_boundary(self, boundary: bool):
-        pass
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        pass
-
-    def get_global_grad_norm(self):
-        return None
-
-
 def learner(policy, ref_head, batch, packed: bool, kl_mode: str, budget, device):
     """A LearnerWorker (one rank, no process group) prepared on the batch with the plan of
     `budget` (None: one micro-batch of every row, today's layout): (worker, micro-batches)."""
     import workers.learner as learner_mod
-    from workers.learner import LearnerWorker
     from workers.policy import PolicyWithHead
 
     learner_mod._all_ranks = lambda ok, device: bool(ok)  # one rank, no process group
     split = split_for_learners(batch, 1, 1, "token-mean", budget, packed)
-    w = LearnerWorker.__new__(LearnerWorker)
-    w.engine = Engine(PolicyWithHead(policy, ref_head, temperature=1.0, packed=packed))
-    w.device, w.world_size, w.version, w.grad_norm = device, 1, 0, None
-    w.settings = learner_test_settings(
-        kl_mode, chunk_size=0, zero_stage=0, minibatches=1, kl_coef=0.01, clip_low=0.2, clip_high=0.2,
-        dual_clip=None, aggregation="token-mean", max_len=1024, kl_seq_weight="token", kl_prefix_cap=0.0,
-        pi_old="sampler")
-    w.nonfinite_at = {"loss": (), "grad": ()}
+    w = stub_learner(PolicyWithHead(policy, ref_head, temperature=1.0, packed=packed), kl_mode, device,
+                     chunk_size=0, kl_coef=0.01, aggregation="token-mean", max_len=1024)
     rows = batch.rows(split.rows[0])
     M, H = int(rows["loss_mask"].sum()), ref_head.shape[1]
     ref_rows = torch.randn(M, H, generator=torch.Generator().manual_seed(1)).to(ref_head.dtype)

@@ -14,10 +14,8 @@ import torch
 pytest.importorskip("deepspeed")
 from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-from system.algo.kl import get_kl_mode  # noqa: E402
 from system.algo.off_policy import CorrectionSettings  # noqa: E402
-from system.config import load_config  # noqa: E402
-from system.settings import learner_settings  # noqa: E402
+from tests.learner_stub import stub_learner  # noqa: E402
 from workers.learner import LearnerWorker  # noqa: E402
 from workers.policy import PolicyWithHead  # noqa: E402
 
@@ -60,35 +58,13 @@ def naive_logprobs(model, s: dict) -> torch.Tensor:
     return torch.log_softmax(logits[:, :-1][s["loss_mask"].bool()] / T, dim=-1)
 
 
-class Engine:
-    """What the learner uses of DeepSpeed's engine for its loss: the wrapped module, callable."""
-
-    def __init__(self, module):
-        self.module = module
-
-    def __call__(self, *args):
-        return self.module(*args)
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-
-    def eval(self):
-        self.module.eval()
-
-
 def learner(policy, ref, transport: str, kl_mode: str) -> tuple[LearnerWorker, torch.Tensor]:
     """A LearnerWorker around `policy` (no process group, no DeepSpeed), and the reference rows the
     reference worker would send for shard()."""
     s = shard()
     ref_head = ref.get_output_embeddings().weight.detach().clone() if transport == "hidden" else None
-    worker = LearnerWorker.__new__(LearnerWorker)
-    worker.engine = Engine(PolicyWithHead(policy, ref_head, temperature=T))
-    worker.device = torch.device("cpu")
-    worker.settings = dataclasses.replace(
-        learner_settings(load_config("configs/debug.yaml")), chunk_size=5, zero_stage=0, minibatches=1,
-        kl=get_kl_mode(kl_mode), kl_coef=0.3, clip_low=0.2, clip_high=0.2, dual_clip=None,
-        aggregation="token-mean", max_len=8, kl_seq_weight="token", kl_prefix_cap=0.0, pi_old="sampler")
-    worker.nonfinite_at = {"loss": (), "grad": ()}
+    worker = stub_learner(PolicyWithHead(policy, ref_head, temperature=T), kl_mode, kl_coef=0.3,
+                          aggregation="token-mean", max_len=8)
     with torch.no_grad():
         out = ref(input_ids=s["input_ids"], attention_mask=s["attention_mask"], output_hidden_states=True)
         rows = out.hidden_states[-1] if transport == "hidden" else out.logits

@@ -18,7 +18,7 @@ import torch
 from system.data.batch import build_batch, split_for_learners, split_packed
 from system.data.micro_batches import (balance_ranks, equal_counts, in_row_order, micro_batch_cost,
                                        packed_inputs, packed_positions, plan_micro_batches)
-from tests.settings import learner_test_settings
+from tests.learner_stub import stub_learner
 
 F64 = torch.float64
 
@@ -107,37 +107,6 @@ def random_batch(n: int, seed: int, vocab: int = 61):
     return build_batch(prompts, responses, pad_id=0)
 
 
-class AccumulatingEngine:
-    """What LearnerWorker._optimizer_step uses of DeepSpeed's engine, for one simulated rank:
-    backward accumulates into .grad; the step leaves the gradients for the test to read."""
-    skipped_steps = 0
-
-    def __init__(self, module):
-        self.module = module
-        self.optimizer = None
-
-    def __call__(self, *args):
-        return self.module(*args)
-
-    def train(self, mode: bool = True):
-        self.module.train(mode)
-
-    def eval(self):
-        self.module.eval()
-
-    def set_gradient_accumulation_boundary(self, boundary: bool):
-        pass
-
-    def backward(self, loss):
-        loss.backward()
-
-    def step(self):
-        pass
-
-    def get_global_grad_norm(self):
-        return None
-
-
 def one_step(policy, ref, batch, layout, aggregation: str, kl_mode: str, monkeypatch):
     """One optimizer step of the batch as one minibatch, cut as `layout` = (ranks, max_tokens,
     packed, stand_in) says: (summed gradient over ranks, metrics as the driver logs them)."""
@@ -145,7 +114,6 @@ def one_step(policy, ref, batch, layout, aggregation: str, kl_mode: str, monkeyp
     import workers.learner as learner_mod
     from system.metrics import reduce_learner_steps
     from tests.unit.test_learner import drift
-    from workers.learner import LearnerWorker
     from workers.policy import PolicyWithHead
 
     monkeypatch.setattr(learner_mod, "_all_ranks", lambda ok, device: bool(ok))
@@ -161,14 +129,8 @@ def one_step(policy, ref, batch, layout, aggregation: str, kl_mode: str, monkeyp
         idx, plan = split.rows[r], split.plans[r]
         if stand_in and r == 0:
             plan = [plan[0] + [[]]]
-        w = LearnerWorker.__new__(LearnerWorker)
-        w.engine = AccumulatingEngine(PolicyWithHead(policy, ref_head, temperature=0.7, packed=packed))
-        w.device, w.world_size, w.version, w.grad_norm = torch.device("cpu"), 1, 0, None
-        w.settings = learner_test_settings(
-            kl_mode, chunk_size=5, zero_stage=0, minibatches=1, kl_coef=0.3, clip_low=0.2, clip_high=0.2,
-            dual_clip=None, aggregation=aggregation, max_len=16, kl_seq_weight="token", kl_prefix_cap=0.0,
-            pi_old="sampler")
-        w.nonfinite_at = {"loss": (), "grad": ()}
+        w = stub_learner(PolicyWithHead(policy, ref_head, temperature=0.7, packed=packed), kl_mode,
+                         kl_coef=0.3, aggregation=aggregation, max_len=16)
         # no sampler log-probs: the learner computes pi_old, micro-batch by micro-batch
         w.prepare(batch.rows(idx), split_packed(ref_rows, batch.loss_mask, idx), plan)
         start = copy.deepcopy(policy.state_dict())
@@ -245,7 +207,6 @@ def test_a_non_finite_loss_after_the_first_micro_batch_skips_the_step(monkeypatc
 
     import workers.learner as learner_mod
     from tests.unit.test_learner import tiny_qwen2
-    from workers.learner import LearnerWorker
     from workers.policy import PolicyWithHead
 
     monkeypatch.setattr(learner_mod, "_all_ranks", lambda ok, device: bool(ok))
@@ -253,17 +214,11 @@ def test_a_non_finite_loss_after_the_first_micro_batch_skips_the_step(monkeypatc
     batch = random_batch(8, seed=5)
     split = split_for_learners(batch, 1, 1, "token-mean", 40, False)
     assert len(split.plans[0][0]) >= 3
-    w = LearnerWorker.__new__(LearnerWorker)
-    w.engine = AccumulatingEngine(PolicyWithHead(policy, policy.lm_head.weight.detach().clone(), 0.7))
+    w = stub_learner(PolicyWithHead(policy, policy.lm_head.weight.detach().clone(), 0.7), "full",
+                     kl_coef=0.3, aggregation="token-mean", max_len=16)
     w.engine.optimizer = types.SimpleNamespace(zero_grad=lambda set_to_none: policy.zero_grad(set_to_none))
     stepped = []
     w.engine.step = lambda: stepped.append(1)
-    w.device, w.world_size, w.version, w.grad_norm = torch.device("cpu"), 1, 0, None
-    w.settings = learner_test_settings(
-        "full", chunk_size=5, zero_stage=0, minibatches=1, kl_coef=0.3, clip_low=0.2, clip_high=0.2,
-        dual_clip=None, aggregation="token-mean", max_len=16, kl_seq_weight="token", kl_prefix_cap=0.0,
-        pi_old="sampler")
-    w.nonfinite_at = {"loss": (), "grad": ()}
     with torch.no_grad():
         out = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
     w.prepare(batch.rows(split.rows[0]), out.hidden_states[-1][:, :-1][batch.loss_mask.bool()],
