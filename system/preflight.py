@@ -64,7 +64,30 @@ def _model_shapes(path: str, trust_remote_code: bool) -> dict:
     except Exception as err:  # noqa: BLE001 - transformers raises many types for a bad config
         raise ConfigError(f"model.path: {path}/config.json does not describe a causal LM that "
                           f"transformers can build ({_first_line(err)})") from None
+    problem = head_config_problem(model)
+    if problem:
+        raise ConfigError(f"model.path: {problem}")
     return {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+
+# Model config fields that change the logits after the output head's matmul (Gemma 2/3 soft-capping,
+# Cohere's logit scale, Granite's logit divisor); the value that leaves the logits unchanged.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def head_config_problem(model) -> str | None:
+    """Why the logits of `model` (built on any device, the meta device included) are not
+    `hidden @ W.T` by its config or its head's shape, or None: what the fused KL op computes.
+    The learner then checks the loaded model's numbers too (workers/common.output_head_problem)."""
+    cfg, head, name = model.config, model.get_output_embeddings(), type(model).__name__
+    for key, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(cfg, key, None)
+        if value is not None and value != neutral:
+            return (f"{name} transforms its logits after the output head ({key}={value}); the "
+                    f"learner computes logits as hidden @ W.T only")
+    if head is None or getattr(head, "bias", None) is not None:
+        return f"{name}'s output head is not a bias-free linear layer; the learner needs hidden @ W.T"
+    return None
 
 
 def _safetensors_header(file: str) -> dict:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from system.data.micro_batches import packed_inputs, packed_positions
+from system.preflight import head_config_problem
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -99,27 +100,18 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[t
     return ids, mask
 
 
-# Model config fields that change the logits after the output head's matmul (Gemma 2/3 soft-capping,
-# Cohere's logit scale, Granite's logit divisor); the value that leaves the logits unchanged.
-_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
-
-
 @torch.no_grad()
 def output_head_problem(model) -> str | None:
     """Why this model's logits are not `final hidden state @ W.T` (all the fused KL op computes), or
     None when they are (Qwen2, Llama, Mistral, ...).
 
-    Checks the known config fields, a bias on the head, then the model itself on a few tokens:
-    its logits must equal base_model's last hidden state times the head weight."""
-    cfg, head = model.config, model.get_output_embeddings()
-    name = type(model).__name__
-    for key, neutral in _LOGIT_TRANSFORMS.items():
-        value = getattr(cfg, key, None)
-        if value is not None and value != neutral:
-            return (f"{name} transforms its logits after the output head ({key}={value}); the "
-                    f"learner computes logits as hidden @ W.T only")
-    if head is None or getattr(head, "bias", None) is not None:
-        return f"{name}'s output head is not a bias-free linear layer; the learner needs hidden @ W.T"
+    Checks the known config fields and a bias on the head (as the driver's preflight does, before
+    any actor starts), then the model itself on a few tokens: its logits must equal base_model's
+    last hidden state times the head weight."""
+    problem = head_config_problem(model)
+    if problem:
+        return problem
+    name, head = type(model).__name__, model.get_output_embeddings()
     ids = torch.arange(8, device=head.weight.device).unsqueeze(0) % head.weight.shape[0]  # [1, 8]
     logits = model(input_ids=ids).logits.float()  # [1, 8, V]
     hidden = model.base_model(input_ids=ids).last_hidden_state.float()  # [1, 8, H]

@@ -4,6 +4,7 @@ missing, empty, has no usable row, or whose prompts are all over the length limi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -81,9 +82,10 @@ def test_cli_exits_2_with_one_line_and_no_traceback(tmp_path):
                                               "no such file or directory")
 
 
-def test_model_whose_logits_are_not_hidden_times_head_is_refused(capsys, ray_cluster, tmp_path):
-    """The fused KL op computes logits as hidden @ W.T: a model that soft-caps them (Gemma 2) stops
-    the run when the learners load it, before any step, with one line."""
+def test_model_whose_logits_are_not_hidden_times_head_is_refused(capsys, tmp_path):
+    """The fused KL op computes logits as hidden @ W.T: a model whose config soft-caps them (Gemma 2)
+    stops the run with one line in the driver's checks, before Ray or any actor starts (the learners
+    check the loaded model's numbers too: tests/unit/test_output_head.py)."""
     import shutil
 
     from transformers import AutoConfig, Gemma2Config, Gemma2ForCausalLM
@@ -98,7 +100,10 @@ def test_model_whose_logits_are_not_hidden_times_head_is_refused(capsys, ray_clu
         shutil.copy(src, model_dir / src.name)
     data = write_dataset(tmp_path / "train.jsonl", [ROWS[0], ROWS[3]] * 8)
     capsys.readouterr()  # drop save_pretrained's progress bar
+    startups = Path(os.environ["GRPO_STARTUP_LOG"])  # tests/conftest.py: a line per start-up
+    before = startups.read_text() if startups.exists() else ""
     err = _main_error(capsys, f"output_dir={tmp_path}", *file_data(data), f"model.path={model_dir}",
                       "eval.size=0", "trainer.prompts_per_step=8", "rollout.group_size=4")
+    assert (startups.read_text() if startups.exists() else "") == before  # no actor started
     assert err == ("config error: model.path: Gemma2ForCausalLM transforms its logits after the output "
                    "head (final_logit_softcapping=30.0); the learner computes logits as hidden @ W.T only")
