@@ -3,9 +3,9 @@
 The driver calls a group as if it were one object: `group.call("method", *args)` runs the method
 on every actor and returns their results in rank order; `group.call_each("method", [args...])`
 gives each rank its own arguments. Actor classes are named by "module:Class" so that `system`
-never imports the heavy worker modules itself. With max_restarts > 0, Ray restarts an actor whose
-process dies (same constructor arguments, same placement bundle); calls in flight fail, and the
-driver decides what to redo (system/faults.py).
+never imports the heavy worker modules itself. With max_restarts != 0 (-1: always), Ray restarts
+an actor whose process dies (same constructor arguments, same placement bundle); calls in flight
+fail, and the driver decides what to redo (system/faults.py).
 """
 
 from __future__ import annotations
@@ -67,19 +67,27 @@ class ActorGroup:
         self.pg = placement_group([dict(bundle) for _ in range(num)], strategy=strategy) if num else None
         if self.pg is not None:
             _wait_placed(self.pg, name, num, bundle)
-        remote_cls = ray.remote(_load(cls_path))
         env = dict(env or {})
         if not num_gpus:  # Ray 2.60 leaves a GPU node's devices visible to an actor with none
             env["CUDA_VISIBLE_DEVICES"] = ""
-        self.actors = []
-        for rank in range(num):
-            args, kwargs = make_args(rank)
-            self.actors.append(remote_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=max_restarts,
-                runtime_env={"env_vars": env},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.pg, placement_group_bundle_index=rank),
-            ).remote(*args, **kwargs))
+        remote_cls = ray.remote(_load(cls_path))
+        self._make_args = make_args
+        self._options = lambda rank: remote_cls.options(
+            num_cpus=num_cpus, num_gpus=num_gpus, resources=resources, max_restarts=max_restarts,
+            runtime_env={"env_vars": env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=rank))
+        self.actors = [self._new(rank) for rank in range(num)]
+
+    def _new(self, rank: int):
+        args, kwargs = self._make_args(rank)
+        return self._options(rank).remote(*args, **kwargs)
+
+    def replace(self, rank: int) -> None:
+        """A new actor for `rank`, in the same placement bundle, built as the first was: what a
+        restart gives, with Ray's restart budget whole again (the old actor is killed for good)."""
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._new(rank)
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -14,16 +14,17 @@ hold no state. docs/design.md (sections 3 and 4) has the whole picture.
 from __future__ import annotations
 
 import math
-from typing import Callable
 import os
 
 import ray
 
 from system.actor_group import ActorGroup, placement_line
 from system.config import ConfigError
-from system.faults import ChecksumMismatch
+from system.faults import ChecksumMismatch, probe
 from system.metrics import Phases
 from system.settings import LEARNER_PROCESS_FIELDS, learner_settings
+
+_PROBE_S = 60.0  # after a run, an actor that answers nothing in this long is busy: its next call waits
 
 
 def quiet_third_party(cfg) -> dict:
@@ -45,17 +46,22 @@ def _vllm_kwargs(cfg) -> dict:
             "enforce_eager": r.enforce_eager, "max_model_len": r.max_model_len, "head_dtype": r.head_dtype}
 
 
+def _reference_settings(cfg) -> dict:
+    """What a reference worker computes with; a reused one takes a new run's (ReferenceWorker.configure)."""
+    r = cfg.reference
+    return {"transport": r.transport, "max_tokens": r.max_tokens_per_micro_batch, "packed": r.packing == "on"}
+
+
 def startup_key(cfg, model_path: str) -> tuple:
     """Everything the actors' processes were started with: runs with equal keys can share them."""
     c, settings = cfg, learner_settings(cfg)
     groups = [(getattr(c, role).num_cpus, getattr(c, role).num_gpus, sorted(getattr(c, role).resources.items()))
               for role in ("learner", "rollout", "reference")]
     # the seed reaches the processes only through vLLM's engine (HF generate is seeded per call)
-    return (os.path.realpath(model_path), c.seed if c.rollout.backend == "vllm" else None, c.ray.torch_threads, c.learner.num_ranks, c.rollout.backend,
-            c.rollout.num_workers, sorted(_vllm_kwargs(c).items()), c.reference.source,
-            c.reference.num_workers, c.reference.transport, c.reference.max_tokens_per_micro_batch,
-            c.reference.packing, c.model.attn_implementation,
-            c.faults.max_actor_restarts, c.sync.backend, c.sync.timeout_s, repr(groups),
+    return (os.path.realpath(model_path), c.seed if c.rollout.backend == "vllm" else None,
+            c.ray.torch_threads, c.learner.num_ranks, c.rollout.backend, c.rollout.num_workers,
+            sorted(_vllm_kwargs(c).items()), c.reference.source, c.reference.num_workers,
+            c.model.attn_implementation, c.sync.backend, repr(groups),
             repr([getattr(settings, k) for k in LEARNER_PROCESS_FIELDS]), sorted(quiet_third_party(c).items()))
 
 
@@ -65,6 +71,8 @@ class Actors:
         self.key = startup_key(cfg, model_path)
         self.learners = self.rollout = self.reference = None
         self.buckets, self.sync_bytes, self.weight_norm = [], 0, 0.0
+        self.sync_timeout_s = None  # of the sync group formed last
+        self.started_pids: dict[str, list] = {}  # of the rollout/reference workers as started
         self.startup = Phases()
 
     def reusable(self, cfg, model_path: str) -> bool:
@@ -83,40 +91,23 @@ class Actors:
         are built."""
         c = self.cfg
         phase = self.startup = Phases()
-        _count_startup()
-        # no progress bars from the workers (loading and saving weights): their output would
-        # interleave with the step lines, and arrive after the summary
-        env = {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_DISABLE_PROGRESS_BARS": "1", **quiet_third_party(c)}
-        threads, n, settings = c.ray.torch_threads, c.learner.num_ranks, learner_settings(c)
+        _count_startup("start")
         with phase("create actors"):
-            self.learners = ActorGroup(
-                "learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus, c.learner.num_gpus,
-                lambda r: ((r, n, self.model_path, settings), {}), env, resources=c.learner.resources)
+            self.learners = self._learner_group()
             self.rollout = ActorGroup(
                 "rollout", "workers.rollout:RolloutWorker", c.rollout.num_workers, c.rollout.num_cpus,
-                c.rollout.num_gpus,
-                lambda r: ((self.model_path, c.rollout.backend, c.model.dtype, threads, c.seed + 10 * r),
-                           {"vllm_kwargs": _vllm_kwargs(c)}),
-                env, max_restarts=c.faults.max_actor_restarts, resources=c.rollout.resources)
+                c.rollout.num_gpus, self._rollout_args, self._env(),
+                # Ray restarts a worker whenever its process dies; the driver counts the restarts
+                # and stops past faults.max_actor_restarts in a submission (system/faults.py)
+                max_restarts=-1, resources=c.rollout.resources)
             self.reference = ActorGroup(  # empty with reference.source=adapters_off: the learners do it
                 "reference", "workers.reference:ReferenceWorker",
                 0 if c.reference.source == "adapters_off" else c.reference.num_workers,
-                c.reference.num_cpus, c.reference.num_gpus,
-                lambda r: ((self.model_path, c.model.dtype, c.reference.transport, threads, c.seed),
-                           {"max_tokens": c.reference.max_tokens_per_micro_batch,
-                            "packed": c.reference.packing == "on",
-                            "attn_implementation": c.model.attn_implementation}), env,
-                max_restarts=c.faults.max_actor_restarts, resources=c.reference.resources)
-        with phase("learner processes + imports + process group"):
-            self.learners.init_collective()
-        with phase("learner build"):
-            try:
-                self.learners.call("build")
-            except ConfigError as err:  # a model the learner refuses: Ray re-raises it as a subclass
-                raise ConfigError(str(getattr(err, "cause", err))) from None
+                c.reference.num_cpus, c.reference.num_gpus, self._reference_args, self._env(),
+                max_restarts=-1, resources=c.reference.resources)
+        self._join_and_build_learners(phase)
         with phase("rollout/reference still loading"):
-            self.pids()
+            self.started_pids = self.pids()
         with phase("sync group"):
             self.init_sync()
         self._arm(c)
@@ -124,15 +115,87 @@ class Actors:
 
     def reset(self, cfg) -> None:
         """Back to the state start() leaves, for a run with this config (`reusable` must accept
-        it): the learners rebuild their engines from the model with the new settings and seeds."""
+        it): first what the last run lost is replaced (repair()); the learners rebuild their engines
+        from the model with the new settings and seeds; the reference workers take the new run's
+        transport and micro-batches."""
         self.cfg = cfg
         phase = self.startup = Phases()
-        with phase("learner rebuild (actors reused)"):
-            self.learners.call("reset", learner_settings(cfg))
-            self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(cfg.sync.bucket_mb))
+        if not self.repair(phase):  # new learners are built with cfg already
+            with phase("learner rebuild (actors reused)"):
+                self.learners.call("reset", learner_settings(cfg))
+        self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(cfg.sync.bucket_mb))
+        self.reference.call("configure", **_reference_settings(cfg))
         self._arm(cfg)
         print(f"[placement] {placement_line(self.rollout, self.reference, self.learners)} (reused)",
               flush=True)
+
+    def repair(self, phase: Phases) -> bool:
+        """Mend what a run lost: a rollout or reference worker that is dead (Ray restarts one whose
+        process dies; one killed for good, or whose constructor failed, stays dead) is replaced, a
+        learner group that lost a rank is started anew (DeepSpeed's group cannot take a new
+        member), and if any worker is a new process (replaced, or restarted by Ray after the run
+        last formed the sync group) every member forms a new sync group. Returns whether the
+        learners are new."""
+        replaced, new_learners = [], False
+        with phase("check the actors"):
+            learners = probe(self.learners.actors, _PROBE_S)
+            workers = {name: probe(getattr(self, name).actors, _PROBE_S) for name in ("rollout", "reference")}
+        if any(state == "dead" for state, _ in learners):  # a busy one: its next call waits
+            _count_startup("learners")
+            self.learners.shutdown()
+            with phase("create learners"):
+                self.learners = self._learner_group()
+            self._join_and_build_learners(phase)
+            replaced.append(f"the {len(self.learners)} learner ranks")
+            new_learners = True
+        for name, states in workers.items():
+            for rank, (state, _) in enumerate(states):
+                if state == "dead":
+                    _count_startup("worker")
+                    getattr(self, name).replace(rank)
+                    replaced.append(f"{name} worker {rank}")
+        with phase("workers ready"):
+            pids = self.pids()
+        if replaced or pids != self.started_pids or self.sync_timeout_s != self.cfg.sync.timeout_s:
+            with phase("sync group"):
+                self.init_sync()
+            self.started_pids = pids
+        if replaced:
+            print(f"[placement] replaced what the last run lost: {', '.join(replaced)}", flush=True)
+        return new_learners
+
+    def _env(self) -> dict:
+        # no progress bars from the workers (loading and saving weights): their output would
+        # interleave with the step lines, and arrive after the summary
+        c = self.cfg
+        return {"OMP_NUM_THREADS": str(c.ray.torch_threads), "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_DISABLE_PROGRESS_BARS": "1", **quiet_third_party(c)}
+
+    def _learner_group(self) -> ActorGroup:
+        c, settings = self.cfg, learner_settings(self.cfg)
+        n = c.learner.num_ranks
+        return ActorGroup("learner", "workers.learner:LearnerWorker", n, c.learner.num_cpus,
+                          c.learner.num_gpus, lambda r: ((r, n, self.model_path, settings), {}),
+                          self._env(), resources=c.learner.resources)
+
+    def _rollout_args(self, rank: int) -> tuple:
+        c = self.cfg
+        return ((self.model_path, c.rollout.backend, c.model.dtype, c.ray.torch_threads, c.seed + 10 * rank),
+                {"vllm_kwargs": _vllm_kwargs(c)})
+
+    def _reference_args(self, rank: int) -> tuple:
+        c = self.cfg
+        return ((self.model_path, c.model.dtype, c.ray.torch_threads, c.seed),
+                {"attn_implementation": c.model.attn_implementation, **_reference_settings(c)})
+
+    def _join_and_build_learners(self, phase: Phases) -> None:
+        with phase("learner processes + imports + process group"):
+            self.learners.init_collective()
+        with phase("learner build"):
+            try:
+                self.learners.call("build")
+            except ConfigError as err:  # a model the learner refuses: Ray re-raises it as a subclass
+                raise ConfigError(str(getattr(err, "cause", err))) from None
 
     def stop(self) -> None:
         for group in (self.rollout, self.reference, self.learners):
@@ -157,6 +220,7 @@ class Actors:
         """A new sync group (at start, and after a rollout worker restarted: a new process cannot
         join the old one), on a port learner rank 0 holds from the moment it names it."""
         s = self.cfg.sync  # backend: made concrete when the config loaded
+        self.sync_timeout_s = s.timeout_s
         world = 1 + len(self.rollout)
         host, port = ray.get(self.learners.actors[0].open_weight_sync.remote(world, s.timeout_s))
         refs = self.learners.call_async("init_weight_sync", host, port, world, s.backend, s.timeout_s)
@@ -189,30 +253,30 @@ class Actors:
 class ActorPool:
     """Actors kept from one run to the next in one process (the tests, the experiments' grids).
 
-    take() resets the held actors for a run whose config allows it (Actors.reusable), else stops
-    them and starts new ones; give_back(clean) keeps them for the next run only after a clean run
-    (finished, or stopped by the driver or Ctrl-C, with no worker dead or restarted: Ray's restart
-    budget and every process's state are then what a fresh start gives), and stops them otherwise. keep=False (a single run) always stops them."""
+    take() resets the held actors for a run whose config allows it (Actors.reusable), replacing
+    first what the last run lost (a dead or restarted worker, the learner group if a rank died:
+    Actors.repair), else stops them and starts new ones. give_back(ended) keeps them after a run
+    that ended as runs do (finished, stopped by the driver on a failure, or by Ctrl-C: the actors
+    finish what they were asked, then are idle) and stops them after anything else (an error the
+    driver did not expect). keep=False (a single run) always stops them."""
 
     def __init__(self, keep: bool = True):
         self.keep, self.actors = keep, None
 
     def take(self, cfg, model_path: str) -> Actors:
-        if self.actors is not None and self.actors.reusable(cfg, model_path):
-            self.actors.reset(cfg)
-            return self.actors
-        self.close()
-        self.actors = Actors(cfg, model_path)
+        reuse = self.actors is not None and self.actors.reusable(cfg, model_path)
+        if not reuse:
+            self.close()
+            self.actors = Actors(cfg, model_path)
         try:
-            self.actors.start()
+            self.actors.reset(cfg) if reuse else self.actors.start()
         except BaseException:
             self.close()
             raise
         return self.actors
 
-    def give_back(self, clean: Callable[[], bool]) -> None:
-        """clean() (asked only when the pool keeps actors: it probes them) says they can serve again."""
-        if not (self.keep and clean()):
+    def give_back(self, ended: bool) -> None:
+        if not (self.keep and ended):
             self.close()
 
     def close(self) -> None:
@@ -221,9 +285,11 @@ class ActorPool:
             self.actors = None
 
 
-def _count_startup() -> None:
-    """One line per start-up in the file $GRPO_STARTUP_LOG names (the test suite counts them)."""
+def _count_startup(what: str) -> None:
+    """One line per start-up in the file $GRPO_STARTUP_LOG names (the test suite counts them):
+    `start` (every actor), `learners` (a new learner group for reused actors) or `worker` (one
+    rollout or reference worker replaced)."""
     path = os.environ.get("GRPO_STARTUP_LOG")
     if path:
         with open(path, "a") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{what} {os.getpid()}\n")

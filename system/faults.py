@@ -1,8 +1,8 @@
 """Failure handling for the driver: survive what can be survived, stop clearly on what cannot.
 
 What happens on each failure (the Trainer routes every step, sync and evaluation through here):
-1. A rollout or reference worker dies: Ray restarts it (ActorGroup max_restarts =
-   faults.max_actor_restarts) and its __init__ reloads the model. The call that failed is noticed
+1. A rollout or reference worker dies: Ray restarts it (as often as it dies: the driver decides
+   how many restarts a run survives) and its __init__ reloads the model. The call that failed is noticed
    here, every actor is asked for its process id (a new id = restarted), and then: a restarted
    rollout worker cannot rejoin the old weight-sync group, so every member (learner rank 0 and all
    rollout workers) builds a fresh one on a new port, the current weights are sent and the
@@ -112,17 +112,6 @@ class FaultHandler:
         self.learner_nodes = [f"node {str(n)[:6]} ({address.get(n, '?')})"
                               for n in self.actors.learners.nodes()]
 
-    def actors_as_started(self) -> bool:
-        """Whether every actor is still the process this run started with: none died or was
-        restarted (then the actors can serve another run, system/actors.py ActorPool)."""
-        if self.restarts:
-            return False
-        try:
-            learners = probe(self.actors.learners.actors, _LEARNER_PROBE_S)
-            return all(state == "alive" for state, _ in learners) and self.actors.pids() == self.pids
-        except RayActorError:
-            return False
-
     # ---- the guarded calls ------------------------------------------------------------------
     def run_step(self, step: int, train_step) -> dict:
         """train_step(step), retried from the same prompts after a rollout/reference restart."""
@@ -220,9 +209,8 @@ class FaultHandler:
             for rank, (state, info) in enumerate(probe(self.actors.groups()[name].actors,
                                                        self.cfg.restart_timeout_s)):
                 if state == "dead":
-                    self.stop(f"{name} worker {rank} died and Ray did not restart it (at most "
-                              f"faults.max_actor_restarts={self.cfg.max_actor_restarts} per worker): "
-                              f"{info}", save=True)
+                    self.stop(f"{name} worker {rank} died and Ray could not restart it: {info}",
+                              save=True)
                 if state == "unresponsive":
                     self.stop(f"{name} worker {rank} did not answer within faults.restart_timeout_s="
                               f"{self.cfg.restart_timeout_s:g}", save=True)

@@ -86,5 +86,4 @@ def learner_settings(cfg: Config) -> LearnerSettings:
 
 # learner settings that shape the processes or the weights the rollout workers hold: a run that
 # changes one of them needs new actors; the others go to the learners with reset()
-LEARNER_PROCESS_FIELDS = ("torch_threads", "dtype", "attn_implementation", "ref_transport", "lora",
-                          "sync_mode")
+LEARNER_PROCESS_FIELDS = ("torch_threads", "dtype", "attn_implementation", "lora", "sync_mode")

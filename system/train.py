@@ -216,10 +216,10 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int
             trainer.save_policy(os.path.join(run.path, "final"))
             done = True
         except (RunStopped, KeyboardInterrupt):  # stopped by the driver or the user: the actors
-            done = True  # finish what they were asked (if none of them died), then are idle
+            done = True  # finish what they were asked, then are idle (the next run replaces a dead one)
             raise
-        finally:  # fresh actors for the next run unless these are the ones it started, all idle
-            pool.give_back(lambda: done and trainer is not None and trainer.faults.actors_as_started())
+        finally:  # kept for the next run (which replaces what this one lost) unless it ended otherwise
+            pool.give_back(done)
             if logger is not None:
                 logger.close()
     if not embedded and ray.is_initialized():  # no actor output may arrive after the summary

@@ -14,14 +14,17 @@ import pytest
 _STARTUP_LOG = os.path.join(tempfile.mkdtemp(prefix="grpo-startups-"), "startups")
 
 
-_BY_TEST: dict[str, int] = {}
+_BY_TEST: dict[str, tuple[int, int]] = {}
 
 
-def _startups() -> int:
+def _startups() -> tuple[int, int]:
+    """(start-ups, workers replaced): a start-up is every actor started (`start`) or a new learner
+    group for reused actors (`learners`); a replaced worker is one rollout or reference worker."""
     if not os.path.exists(_STARTUP_LOG):
-        return 0
+        return 0, 0
     with open(_STARTUP_LOG) as f:
-        return sum(1 for _ in f)
+        kinds = [line.split()[0] for line in f if line.strip()]
+    return sum(k in ("start", "learners") for k in kinds), kinds.count("worker")
 
 
 def pytest_configure(config):
@@ -29,12 +32,15 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
-    """Within each directory, the tests marked leaves_no_actors (they kill actors, or run another
-    model) go last: the others then run one after another on the session's actor pool."""
+    """The tests marked fresh_actors run first in the session (the session's actor pool starts
+    for them); within each directory, the tests marked leaves_no_actors (they run another model or
+    config, or stop the actors) go last: the others then run one after another on the session's
+    actor pool."""
     first_seen: dict = {}
     for item in items:
         first_seen.setdefault(item.path.parent, len(first_seen))
-    items.sort(key=lambda item: (first_seen[item.path.parent],
+    items.sort(key=lambda item: (item.get_closest_marker("fresh_actors") is None,
+                                 first_seen[item.path.parent],
                                  item.get_closest_marker("leaves_no_actors") is not None))
 
 
@@ -44,14 +50,17 @@ def pytest_runtest_protocol(item, nextitem):
     try:
         return (yield)
     finally:
-        if _startups() > before:
-            _BY_TEST[item.nodeid] = _startups() - before
+        after = _startups()
+        if after != before:
+            _BY_TEST[item.nodeid] = (after[0] - before[0], after[1] - before[1])
 
 
 def pytest_terminal_summary(terminalreporter):
-    terminalreporter.write_line(f"pipeline start-ups in this session: {_startups()}")
-    for nodeid, count in _BY_TEST.items():
-        terminalreporter.write_line(f"  {count}  {nodeid}")
+    starts, workers = _startups()
+    terminalreporter.write_line(f"pipeline start-ups in this session: {starts} (and {workers} "
+                                f"rollout/reference workers replaced after runs that lost them)")
+    for nodeid, (s, w) in _BY_TEST.items():
+        terminalreporter.write_line(f"  {s}  {nodeid}" + (f"  (+{w} workers replaced)" if w else ""))
 
 
 @pytest.fixture(scope="session")
@@ -73,7 +82,7 @@ def ray_cluster():
 @pytest.fixture(scope="session")
 def actor_pool(ray_cluster):
     """Actors kept between the session's runs: a run whose config allows it resets them instead
-    of starting its own (a run that ends in a failure or a restart leaves fresh ones to the next)."""
+    of starting its own (replacing first what the run before lost: a killed worker, a dead learner)."""
     from system.actors import ActorPool
 
     pool = ActorPool()

@@ -22,16 +22,21 @@ from workers.common import hidden_at, load_causal_lm, setup_process
 
 
 class ReferenceWorker:
-    def __init__(self, model_path: str, dtype: str, transport: str, torch_threads: int, seed: int,
-                 max_tokens: int = 32768, packed: bool = False, attn_implementation: str = "sdpa"):
-        if transport not in ("hidden", "logits"):
-            raise ValueError(f"reference.transport: unknown {transport!r} (hidden | logits)")
+    def __init__(self, model_path: str, dtype: str, torch_threads: int, seed: int, *, transport: str,
+                 max_tokens: int, packed: bool, attn_implementation: str = "sdpa"):
         self.device = setup_process(torch_threads, seed)
         self.model = load_causal_lm(model_path, dtype, self.device,
                                     attn_implementation=attn_implementation).eval()
         self.model.requires_grad_(False)
-        self.transport = transport
-        self.max_tokens, self.packed = max_tokens, packed
+        self.configure(transport, max_tokens, packed)
+
+    def configure(self, transport: str, max_tokens: int, packed: bool) -> None:
+        """What the rows hold (reference.transport) and how they are cut (reference.
+        max_tokens_per_micro_batch, reference.packing): set at start, and by the next run on
+        these actors (system/actors.py)."""
+        if transport not in ("hidden", "logits"):
+            raise ValueError(f"reference.transport: unknown {transport!r} (hidden | logits)")
+        self.transport, self.max_tokens, self.packed = transport, max_tokens, packed
 
     def pid(self) -> int:
         """This process's id: the driver tells a restarted worker by a new one (tests kill it)."""

@@ -98,7 +98,7 @@ def measure(name: str, spec: dict, args) -> list[dict]:
     out = []
     for transport in ("hidden", "logits"):
         kwargs = dict(model_path=spec["path"], dtype=spec["dtype"], transport=transport,
-                      torch_threads=args.threads, seed=0)
+                      torch_threads=args.threads, seed=0, max_tokens=32768, packed=False)
         local = ReferenceWorker(**kwargs)
         head = local.model.get_output_embeddings().weight.detach()
         actor = ray.remote(ReferenceWorker).options(num_cpus=0).remote(**kwargs)

@@ -1,5 +1,6 @@
 """Rollout and reference workers killed mid-run: Ray restarts them, the step is redone, the run
-finishes; past faults.max_actor_restarts the run saves a checkpoint and stops with a clear error."""
+finishes; past faults.max_actor_restarts the run saves a checkpoint and stops with a clear error; a
+worker killed for good stops the run, and the next run on the same actors replaces it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 from system import checkpoint
 from tests.faults.conftest import before_steps, ray_kill, sigkill
 
-pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
+pytestmark = pytest.mark.slow
 
 
 def _die_mid_sync(trainer):
@@ -55,3 +56,28 @@ def test_past_the_restart_limit_the_run_saves_a_checkpoint_and_stops(faults_run,
     assert state["faults"]["actor_restarts"] == 2
     assert state["sampler"] == {"epoch": 0, "pos": 16}  # step 3's prompts are not lost
     assert "\n" not in run.err.strip()
+
+
+def test_a_worker_killed_for_good_stops_the_run_and_the_next_run_on_the_actors_replaces_it(
+        faults_run, actor_pool, monkeypatch):
+    import ray
+
+    def kill_for_good(trainer):
+        ray.kill(trainer.rollout.actors[0], no_restart=True)
+
+    before_steps(monkeypatch, {2: kill_for_good})
+    args = ("trainer.steps=2", "trainer.rollout_ahead=0")
+    run = faults_run("gone", *args)
+    assert run.rc == 1
+    assert "rollout worker 0 died and Ray could not restart it" in run.err
+    saved = run.dir / "checkpoints" / "step_000001"  # written at the stop: nothing learned is lost
+    assert f"continue from the latest checkpoint {saved}" in run.err
+    actors = actor_pool.actors
+    learners = ray.get([a.pid.remote() for a in actors.learners.actors])
+
+    resumed = faults_run("gone", *args, "trainer.resume=auto")
+    assert resumed.rc == 0, resumed.err
+    assert "[placement] replaced what the last run lost: rollout worker 0\n" in resumed.out
+    assert actor_pool.actors is actors  # the same actors, with a new rollout worker
+    assert ray.get([a.pid.remote() for a in actors.learners.actors]) == learners
+    assert resumed.steps() == [1, 2] and resumed.records()[-1]["policy_version"] == 2

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from system import chaos
 from system.chaos import Fault
 
-pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]  # the faulty run restarts workers
+pytestmark = pytest.mark.slow
 
 # on-policy: a redone step samples again with the same policy and seeds (docs/reliability.md)
 ARGS = ("trainer.steps=3", "trainer.rollout_ahead=0", "sync.bucket_mb=0.25", "sync.timeout_s=60")

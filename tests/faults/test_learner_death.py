@@ -1,5 +1,6 @@
 """A learner rank killed mid-run: the run stops with an error naming the rank, its node and the checkpoint;
-the same command with trainer.resume=auto finishes the run."""
+the same command with trainer.resume=auto finishes the run (on the same actors, with a new learner
+group: system/actors.py Actors.repair)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 from tests.faults.conftest import before_steps, sigkill
 
-pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
+pytestmark = pytest.mark.slow
 
 
 def test_dead_learner_rank_stops_the_run_and_resume_finishes_it(faults_run, monkeypatch):
@@ -27,6 +28,8 @@ def test_dead_learner_rank_stops_the_run_and_resume_finishes_it(faults_run, monk
 
     resumed = faults_run("learner", *args, "trainer.resume=auto")
     assert resumed.rc == 0, resumed.err
+    # on the session's actors: the learner group is new, the rollout and reference workers kept
+    assert "[placement] replaced what the last run lost: the 2 learner ranks\n" in resumed.out
     assert f"[resume] from {saved}: step 2" in resumed.out
     assert resumed.steps() == [1, 2, 3, 4]
     assert resumed.records()[-1]["policy_version"] == 4

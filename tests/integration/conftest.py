@@ -49,7 +49,7 @@ def stop_trainer(trainer, pool=None) -> None:
     if pool is None:
         trainer.actors.stop()
     else:
-        pool.give_back(trainer.faults.actors_as_started)
+        pool.give_back(ended=True)
 
 
 def session_processes(sid: int) -> list:

@@ -115,13 +115,13 @@ def reference_update(actor_pool, tmp_path_factory):
     yield batch, rewards, metrics, weights, start
 
 
-def _update_with(tmp_path, overrides, batch, rewards):
-    trainer = build_trainer(tmp_path, [*UPDATE, *overrides])
+def _update_with(tmp_path, overrides, batch, rewards, pool=None):
+    trainer = build_trainer(tmp_path, [*UPDATE, *overrides], pool)
     try:
-        metrics = trainer.learn(batch, rewards, trainer.reference_rows(batch))
-        return metrics, _learner_weights(trainer)
+        rows = trainer.reference_rows(batch)  # [M, H] (hidden transport) or [M, V] (logits)
+        return trainer.learn(batch, rewards, rows), _learner_weights(trainer), rows.shape[-1]
     finally:
-        stop_trainer(trainer)
+        stop_trainer(trainer, pool)
 
 
 def _assert_same_update(a: dict, b: dict, start: dict, rel: float) -> None:
@@ -144,7 +144,7 @@ def test_one_learner_rank_equals_two(reference_update, tmp_path):
     micro-batch (DeepSpeed accumulating between boundaries), one rank with one packed row per
     minibatch."""
     batch, rewards, metrics2, weights2, start = reference_update
-    metrics1, weights1 = _update_with(tmp_path, ["learner.num_ranks=1", "learner.packing=on"], batch, rewards)
+    metrics1, weights1, _ = _update_with(tmp_path, ["learner.num_ranks=1", "learner.packing=on"], batch, rewards)
     assert metrics1.keys() == metrics2.keys()
     for key in metrics1:
         assert metrics1[key] == pytest.approx(metrics2[key], rel=1e-4, abs=1e-6), key
@@ -152,9 +152,13 @@ def test_one_learner_rank_equals_two(reference_update, tmp_path):
     _assert_same_update(weights1, weights2, start, rel=1e-4)
 
 
-def test_hidden_and_logits_transport_agree(reference_update, tmp_path):
+def test_hidden_and_logits_transport_agree(reference_update, actor_pool, tmp_path):
+    """The same update with the reference workers sending full logits instead of hidden states (on
+    the same actors: a reused reference worker takes the new transport)."""
     batch, rewards, metrics_h, weights_h, start = reference_update
-    metrics_l, weights_l = _update_with(tmp_path, ["reference.transport=logits"], batch, rewards)
+    metrics_l, weights_l, row_width = _update_with(tmp_path, ["reference.transport=logits"], batch, rewards, actor_pool)
+    vocab = next(w.shape[0] for name, w in weights_l.items() if "embed_tokens" in name)
+    assert row_width == vocab  # the reused reference worker sent logits
     assert metrics_h["kl_full"] > 1e-6
     assert metrics_l["kl_full"] == pytest.approx(metrics_h["kl_full"], rel=1e-4, abs=1e-7)
     assert metrics_l["kl_k3"] == pytest.approx(metrics_h["kl_k3"], rel=1e-4, abs=1e-7)

@@ -10,14 +10,15 @@ import pytest
 from tests.faults.conftest import before_steps, sigkill
 from tests.vllm.conftest import VLLM_OVERRIDES, alive, engine_processes
 
-pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]
+pytestmark = [pytest.mark.slow, pytest.mark.leaves_no_actors]  # it stops the actors at its end
 
 
 def test_debug_run_on_vllm_survives_a_killed_rollout_worker_and_leaves_no_engine_behind(
-        faults_run, monkeypatch):
+        faults_run, actor_pool, monkeypatch):
     """Four steps on vLLM; before step 3 the rollout worker (and its engine) is SIGKILLed: Ray
     restarts it, it rejoins the sync group with a new engine in a new process, the run completes,
-    and nothing of either engine is left. One run for both: each start costs more than the steps."""
+    and once the actors are stopped (as a single run's are at its end) nothing of either engine is
+    left. One run for both: each start costs more than the steps."""
     seen = {}
 
     def engines(trainer) -> set[int]:
@@ -49,7 +50,8 @@ def test_debug_run_on_vllm_survives_a_killed_rollout_worker_and_leaves_no_engine
     assert train[-1]["actor_restarts"] == 1
     assert seen["restarted"].isdisjoint(seen["killed"]), seen  # a new engine in a new process
     assert seen["left_by_killed"] == set(), seen  # nothing of the killed worker's engine is left
+    actor_pool.close()  # what a single run (system.train without a pool) does at its end
     deadline = time.monotonic() + 30
     while alive(seen["restarted"]) and time.monotonic() < deadline:
-        time.sleep(0.5)  # the run has ended: its actors are being killed
+        time.sleep(0.5)  # its actors are being killed
     assert alive(seen["restarted"]) == set(), seen
