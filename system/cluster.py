@@ -100,6 +100,10 @@ def _start_local(cfg, kwargs: dict) -> bool:
     os.environ[LOOPBACK_ENV] = "0"  # read by the processes the cluster starts
     ray_constants.ENABLE_RAY_CLUSTER = False  # and by this one, whose Ray module is already loaded
     need = required_resources(cfg)
+    # no idle workers started with the cluster: the actors run with their own environment
+    # (ActorGroup's runtime_env), so Ray starts new processes for them and those would only take
+    # CPU from the start-up (~0.7 CPU-s on the debug config)
     ray.init(num_cpus=max(os.cpu_count() or 1, int(need.get("CPU", 0) + 0.999)),
-             include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+             include_dashboard=False, _node_ip_address="127.0.0.1",
+             _system_config={"prestart_worker_first_driver": False}, **kwargs)
     return True

@@ -33,6 +33,8 @@ import contextlib
 import datetime
 import gc
 import os
+import sys
+import types
 
 import deepspeed
 import torch
@@ -95,6 +97,7 @@ class LearnerWorker:
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if backend == "gloo":
             _skip_shm_op()
+        _skip_muon()
         store = self._store if self.rank == 0 else dist.TCPStore(
             master_addr, master_port, self.world_size, False, timeout=DS_GROUP_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
@@ -487,6 +490,23 @@ def _skip_shm_op() -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
+def _skip_muon() -> None:
+    """Keep DeepSpeed's Muon optimizer module, which this learner never uses, from being imported.
+
+    DeepSpeed imports it inside deepspeed.initialize with ZeRO (to add Muon to the optimizers ZeRO
+    has tested: runtime/zero/utils.py is_zero_supported_optimizer) and in ZeRO's gradient reduction,
+    each time only to ask whether the optimizer is a MuonWithAuxAdam. Importing it sets up
+    torch.compile for its kernels (torch._inductor: about 1.6 s of CPU per learner rank on the
+    debug config, most of its engine build). The learner's optimizers are torch's AdamW and SGD, so
+    a stand-in module whose MuonWithAuxAdam nothing is an instance of answers the same.
+    """
+    name = "deepspeed.runtime.zero.muon.muon_optimizer"
+    if name not in sys.modules:
+        stand_in = types.ModuleType(name, "stand-in: the learner never uses Muon (workers/learner.py)")
+        stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
+        sys.modules[name] = stand_in
 
 
 def _all_ranks(ok, device: torch.device) -> bool:
