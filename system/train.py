@@ -25,7 +25,8 @@ import time
 import traceback
 
 from system.cluster import init_ray
-from system.config import Config, ConfigError, ignored_keys, load_config, to_yaml
+from system.config import Config, ConfigError, load_config, to_yaml
+from system.config_checks import ignored_keys
 from system.metrics import MetricsLogger, progress_bar, summary_table
 
 EXIT_CODES = """exit codes:

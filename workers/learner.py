@@ -33,8 +33,6 @@ import contextlib
 import datetime
 import gc
 import os
-import sys
-import types
 
 import deepspeed
 import torch
@@ -50,6 +48,7 @@ from system.data.micro_batches import in_row_order
 from system.metrics import combine_pieces
 from system.settings import LearnerSettings
 from workers.common import load_causal_lm, output_head_problem, seed_all, setup_process
+from workers.deepspeed_start import skip_muon, skip_shm_op
 from workers.lora import adapter_view, apply_lora, full_view, merged_view
 from workers.policy import PolicyWithHead
 from workers.weight_sync import Bucket, Digest, SyncGroup, TensorMeta, listen, plan_buckets
@@ -96,8 +95,8 @@ class LearnerWorker:
                           LOCAL_RANK="0" if self.device.type == "cpu" else str(self.device.index))
         backend = "nccl" if self.device.type == "cuda" else "gloo"
         if backend == "gloo":
-            _skip_shm_op()
-        _skip_muon()
+            skip_shm_op()
+        skip_muon()
         store = self._store if self.rank == 0 else dist.TCPStore(
             master_addr, master_port, self.world_size, False, timeout=DS_GROUP_TIMEOUT)
         dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size,
@@ -473,40 +472,6 @@ def _save_merged(weights: dict, path: str, model_path: str, dtype: str) -> None:
                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]}")
     model.save_pretrained(path)
     AutoTokenizer.from_pretrained(model_path).save_pretrained(path)
-
-
-def _skip_shm_op() -> None:
-    """Keep DeepSpeed's shared-memory all-reduce op, which this learner never uses, off the start
-    path on CPU.
-
-    DeepSpeed's torch backend loads it on every CPU rank (deepspeed/comm/torch.py:
-    TorchBackend.__init__ calls build_shm_op, which calls `builder.load()`), JIT-compiling it with
-    ninja into TORCH_EXTENSIONS_DIR the first time in each installation (about 60 s on 2 cores).
-    Only `inference_all_reduce` uses it (DeepSpeed's tensor-parallel layers,
-    module_inject/layers.py), and without it that falls back to torch.distributed.all_reduce;
-    ZeRO's collectives are torch.distributed's (gloo here). build_shm_op returns None for an op
-    that `deepspeed.ops.__compatible_ops__` marks False.
-    """
-    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
-
-    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
-
-
-def _skip_muon() -> None:
-    """Keep DeepSpeed's Muon optimizer module, which this learner never uses, from being imported.
-
-    DeepSpeed imports it inside deepspeed.initialize with ZeRO (to add Muon to the optimizers ZeRO
-    has tested: runtime/zero/utils.py is_zero_supported_optimizer) and in ZeRO's gradient reduction,
-    each time only to ask whether the optimizer is a MuonWithAuxAdam. Importing it sets up
-    torch.compile for its kernels (torch._inductor: about 1.6 s of CPU per learner rank on the
-    debug config, most of its engine build). The learner's optimizers are torch's AdamW and SGD, so
-    a stand-in module whose MuonWithAuxAdam nothing is an instance of answers the same.
-    """
-    name = "deepspeed.runtime.zero.muon.muon_optimizer"
-    if name not in sys.modules:
-        stand_in = types.ModuleType(name, "stand-in: the learner never uses Muon (workers/learner.py)")
-        stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})
-        sys.modules[name] = stand_in
 
 
 def _all_ranks(ok, device: torch.device) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from system.config import ConfigError, ignored_keys, load_config, to_yaml
+from system.config import ConfigError, load_config, to_yaml
+from system.config_checks import ignored_keys
 
 DEBUG = "configs/debug.yaml"
 
@@ -175,7 +176,6 @@ def test_output_dir_inside_rays_working_dir_copy_is_refused(tmp_path, monkeypatc
 
 
 def test_keys_the_mode_ignores_get_one_warning_each():
-    from system.config import ignored_keys
 
     # the shipped configs are quiet, debug.yaml's vllm settings under backend=hf included
     for path in (DEBUG, "configs/qwen2.5-0.5b-gsm8k.yaml", "configs/qwen2.5-1.5b-math.yaml"):
@@ -247,7 +247,6 @@ def test_the_debug_model_cache_is_an_absolute_path(tmp_path, monkeypatch):
 
 
 def test_full_seq_keys_ignored_by_other_modes():
-    from system.config import ignored_keys
 
     cfg = load_config(DEBUG, ["algo.kl.mode=full_seq", "algo.kl.seq_weight=prefix", "algo.kl.prefix_cap=5"])
     assert (cfg.algo.kl.seq_weight, cfg.algo.kl.prefix_cap, ignored_keys(cfg)) == ("prefix", 5.0, [])
