@@ -68,10 +68,10 @@ PI_OLD = ("sampler", "proximal")
 
 
 @dataclass(frozen=True)
-class CorrectionSettings:
-    cap: float = 2.0  # tis: C
-    bounds: tuple = (0.5, 2.0)  # mis: [lo, hi]
-    level: str = "token"  # mis: token | sequence
+class CorrectionSettings:  # algo.tis_cap, algo.mis_bounds, algo.mis_level (their defaults: system/config.py)
+    cap: float  # tis: C
+    bounds: tuple  # mis: [lo, hi]
+    level: str  # mis: token | sequence
 
 
 def _none(d, mask, s):
@@ -101,8 +101,8 @@ def rollout_correction(
     prox_logp: torch.Tensor,
     sampler_logp: torch.Tensor,
     mask: torch.Tensor,
-    mode: str = "none",
-    settings: CorrectionSettings = CorrectionSettings(),
+    mode: str,
+    settings: CorrectionSettings,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The per-token weight of the policy-gradient term, and the mismatch statistics.
 

@@ -46,10 +46,13 @@ def _naive_weights(prox, sampler, mask, mode, s):
     return torch.tensor(w, dtype=F64), corrected
 
 
-CASES = [("none", CorrectionSettings()), ("tis", CorrectionSettings(cap=2.0)),
-         ("tis", CorrectionSettings(cap=1.2)), ("mis", CorrectionSettings(bounds=(0.5, 2.0))),
-         ("mis", CorrectionSettings(bounds=(0.8, 1.25))),
-         ("mis", CorrectionSettings(bounds=(0.2, 5.0), level="sequence"))]
+def _settings(cap=2.0, bounds=(0.5, 2.0), level="token") -> CorrectionSettings:
+    return CorrectionSettings(cap, bounds, level)
+
+
+CASES = [("none", _settings()), ("tis", _settings(cap=2.0)), ("tis", _settings(cap=1.2)),
+         ("mis", _settings(bounds=(0.5, 2.0))), ("mis", _settings(bounds=(0.8, 1.25))),
+         ("mis", _settings(bounds=(0.2, 5.0), level="sequence"))]
 
 
 @pytest.mark.parametrize("mode,settings", CASES)
@@ -72,7 +75,7 @@ def test_weights_and_metrics_match_the_formulas(mode, settings):
 def test_equal_policies_need_no_correction():
     _, sampler, mask = _batch()
     for mode in ("tis", "mis"):
-        weight, metrics = rollout_correction(sampler.clone(), sampler, mask, mode)
+        weight, metrics = rollout_correction(sampler.clone(), sampler, mask, mode, _settings())
         assert torch.equal(weight, mask.to(F64))
         assert metrics["corrected_frac"].item() == 0 and metrics["mismatch_kl"].item() == 0
 
@@ -96,7 +99,7 @@ def test_decoupled_objective_value_and_gradient():
     logp = (prox + 0.3 * torch.randn(prox.shape, generator=torch.Generator().manual_seed(2),
                                      dtype=F64)).requires_grad_()
     adv = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=F64)
-    weight, _ = rollout_correction(prox, sampler, mask, "tis", CorrectionSettings(cap=2.0))
+    weight, _ = rollout_correction(prox, sampler, mask, "tis", _settings(cap=2.0))
     loss, _ = grpo_loss(logp, prox, adv, mask, pg_weight=weight)
     (grad,) = torch.autograd.grad(loss, logp)
     logp_ref = logp.detach().clone().requires_grad_()
@@ -109,4 +112,4 @@ def test_decoupled_objective_value_and_gradient():
 def test_unknown_correction_is_named():
     prox, sampler, mask = _batch()
     with pytest.raises(ValueError, match="icepop"):
-        rollout_correction(prox, sampler, mask, "icepop")
+        rollout_correction(prox, sampler, mask, "icepop", _settings())
