@@ -85,7 +85,8 @@ class ActorGroup:
 
     def replace(self, rank: int) -> None:
         """A new actor for `rank`, in the same placement bundle, built as the first was: what a
-        restart gives, with Ray's restart budget whole again (the old actor is killed for good)."""
+        restart gives, for an actor Ray will not restart (killed for good, or whose constructor
+        failed); the old one is killed for good first."""
         ray.kill(self.actors[rank], no_restart=True)
         self.actors[rank] = self._new(rank)
 
