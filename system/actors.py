@@ -71,8 +71,7 @@ class Actors:
         self.key = startup_key(cfg, model_path)
         self.learners = self.rollout = self.reference = None
         self.buckets, self.sync_bytes, self.weight_norm = [], 0, 0.0
-        self.sync_timeout_s = None  # of the sync group formed last
-        self.started_pids: dict[str, list] = {}  # of the rollout/reference workers as started
+        self.sync_formed_with = None  # (rollout worker pids, sync.timeout_s) of the last sync group
         self.startup = Phases()
 
     def reusable(self, cfg, model_path: str) -> bool:
@@ -107,7 +106,7 @@ class Actors:
                 max_restarts=-1, resources=c.reference.resources)
         self._join_and_build_learners(phase)
         with phase("rollout/reference still loading"):
-            self.started_pids = self.pids()
+            self.pids()
         with phase("sync group"):
             self.init_sync()
         self._arm(c)
@@ -133,9 +132,9 @@ class Actors:
         """Mend what a run lost: a rollout or reference worker that is dead (Ray restarts one whose
         process dies; one killed for good, or whose constructor failed, stays dead) is replaced, a
         learner group that lost a rank is started anew (DeepSpeed's group cannot take a new
-        member), and if any worker is a new process (replaced, or restarted by Ray after the run
-        last formed the sync group) every member forms a new sync group. Returns whether the
-        learners are new."""
+        member), and if a rollout worker is not the process the last sync group was formed with
+        (replaced, or restarted by Ray after the run last formed it) every member forms a new one.
+        Returns whether the learners are new."""
         replaced, new_learners = [], False
         with phase("check the actors"):
             learners = probe(self.learners.actors, _PROBE_S)
@@ -155,11 +154,10 @@ class Actors:
                     getattr(self, name).replace(rank)
                     replaced.append(f"{name} worker {rank}")
         with phase("workers ready"):
-            pids = self.pids()
-        if replaced or pids != self.started_pids or self.sync_timeout_s != self.cfg.sync.timeout_s:
+            formed_with = (self.rollout.call("pid"), self.cfg.sync.timeout_s)
+        if new_learners or formed_with != self.sync_formed_with:
             with phase("sync group"):
                 self.init_sync()
-            self.started_pids = pids
         if replaced:
             print(f"[placement] replaced what the last run lost: {', '.join(replaced)}", flush=True)
         return new_learners
@@ -220,13 +218,13 @@ class Actors:
         """A new sync group (at start, and after a rollout worker restarted: a new process cannot
         join the old one), on a port learner rank 0 holds from the moment it names it."""
         s = self.cfg.sync  # backend: made concrete when the config loaded
-        self.sync_timeout_s = s.timeout_s
         world = 1 + len(self.rollout)
         host, port = ray.get(self.learners.actors[0].open_weight_sync.remote(world, s.timeout_s))
         refs = self.learners.call_async("init_weight_sync", host, port, world, s.backend, s.timeout_s)
         refs += self.rollout.call_each_async("init_weight_sync", [
             (host, port, 1 + i, world, s.backend, s.timeout_s) for i in range(len(self.rollout))])
         ray.get(refs)
+        self.sync_formed_with = (self.rollout.call("pid"), s.timeout_s)
         self.buckets = ray.get(self.learners.actors[0].weight_buckets.remote(s.bucket_mb))
         self.sync_bytes = sum(b.nbytes for b in self.buckets)  # per rollout worker and sync
 
