@@ -90,6 +90,7 @@ def main(argv=None, pool=None) -> int:
             return 0
         for line in ignored_keys(cfg):
             print(f"config warning: {line}", file=sys.stderr, flush=True)
+        quiet_third_party_notices(cfg)
         inputs = check_inputs(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
@@ -124,6 +125,16 @@ def main(argv=None, pool=None) -> int:
         print(f"error: {first} (traceback in {log}); continue with: {continue_command(args)}",
               file=sys.stderr)
         return 1
+
+
+def quiet_third_party_notices(cfg) -> None:
+    """The driver takes its learners' environment against third-party notices (system.actors), before
+    anything here imports DeepSpeed: the actor classes do, and so does saving the debug model it
+    builds (transformers' save_pretrained asks accelerate, which imports DeepSpeed)."""
+    from system.actors import quiet_third_party
+
+    for key, value in quiet_third_party(cfg).items():
+        os.environ.setdefault(key, value)
 
 
 def _write_traceback(directory: str) -> str:
@@ -172,15 +183,13 @@ def train(cfg, args, run, model_path: str, tokenizer, prompts, pool=None) -> int
     import ray
     from omegaconf import OmegaConf
 
-    from system.actors import ActorPool, quiet_third_party
+    from system.actors import ActorPool
     from system.faults import RunStopped
     from system.metrics import Phases
     from system.resources import ResourceError, check_cluster_resources
     from system.rewards.pool import RewardPool
     from system.trainer import Trainer
 
-    for key, value in quiet_third_party(cfg).items():  # the driver imports DeepSpeed too (actor classes)
-        os.environ.setdefault(key, value)
     t0 = time.perf_counter()
     setup = Phases()  # start-up, printed on one line once the actors are ready
     embedded = ray.is_initialized()  # the caller's cluster (tests, notebooks): left connected

@@ -150,6 +150,23 @@ def test_the_example_dataset_trains_the_debug_model(tmp_path):
                                       "128 held-out prompts evaluated")
 
 
+def test_building_the_debug_model_prints_no_deepspeed_notice(tmp_path):
+    """The first run on a new machine builds the debug model; saving it imports DeepSpeed
+    (transformers -> accelerate), whose accelerator notice the driver is told to skip, as its learners
+    are. A new process with a new cache and none of that environment, stopped by its missing data
+    before Ray starts."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "system.train", "--config", DEBUG, f"output_dir={tmp_path / 'out'}",
+         f"model.debug_cache={tmp_path / 'cache'}", "model.debug_settings={warm_start: {steps: 2}}",
+         "data.source=file", f"data.train_path={tmp_path / 'missing.jsonl'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert "[debug_model] ready" in proc.stdout, proc.stdout + proc.stderr
+    assert "accelerator" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and _errors(proc.stderr) == [
+        f"config error: data: prompt dataset {tmp_path / 'missing.jsonl'}: no such file or directory"]
+
+
 # ---- 3. attaching to a cluster has a deadline ---------------------------------------------------
 
 @pytest.mark.parametrize("found_by", ["RAY_ADDRESS", "stale record"])
