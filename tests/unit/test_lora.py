@@ -14,7 +14,7 @@ pytest.importorskip("peft")
 pytest.importorskip("deepspeed")
 
 from system.config import ConfigError  # noqa: E402
-from tests.unit.test_learner import drift, learner, shard, tiny_qwen2  # noqa: E402
+from tests.unit.test_learner import learner, shard, tiny_qwen2  # noqa: E402
 from workers.lora import AdapterMerger, adapter_view, apply_lora, merged_view  # noqa: E402
 from workers.weight_sync import checksum  # noqa: E402
 
