@@ -176,7 +176,6 @@ def test_output_dir_inside_rays_working_dir_copy_is_refused(tmp_path, monkeypatc
 
 
 def test_keys_the_mode_ignores_get_one_warning_each():
-
     # the shipped configs are quiet, debug.yaml's vllm settings under backend=hf included
     for path in (DEBUG, "configs/qwen2.5-0.5b-gsm8k.yaml", "configs/qwen2.5-1.5b-math.yaml"):
         assert ignored_keys(load_config(path)) == [], path
@@ -247,7 +246,6 @@ def test_the_debug_model_cache_is_an_absolute_path(tmp_path, monkeypatch):
 
 
 def test_full_seq_keys_ignored_by_other_modes():
-
     cfg = load_config(DEBUG, ["algo.kl.mode=full_seq", "algo.kl.seq_weight=prefix", "algo.kl.prefix_cap=5"])
     assert (cfg.algo.kl.seq_weight, cfg.algo.kl.prefix_cap, ignored_keys(cfg)) == ("prefix", 5.0, [])
     assert [w.split(":")[0] for w in ignored_keys(load_config(DEBUG, ["algo.kl.prefix_cap=5"]))] == \
